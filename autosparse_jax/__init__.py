@@ -1,0 +1,53 @@
+"""autosparse_jax: AutoSparse (learnable thresholds + Gradient Annealing), STR, TopKAST and
+gradual magnitude pruning as one optax optimizer.
+
+``import autosparse_jax`` needs only jax, optax and numpy; models, data and the training system
+live in submodules that load flax, tfds, orbax and clu when imported.
+"""
+
+from autosparse_jax.chain import SparseTrainingState, optax_chain
+from autosparse_jax.methods import STR, AutoSparse, Dense, GradualMagnitude, TopKAST
+from autosparse_jax.schedules import constant, cosine_decay, linear_decay, sigmoid_cosine_decay
+from autosparse_jax.selection import kernels
+from autosparse_jax.stages import (
+  GradientAnnealingState,
+  LatentParams,
+  MaskedGradients,
+  MaskStage,
+  gradient_annealing,
+  magnitude_mask,
+  soft_threshold,
+  threshold_mask,
+  topk_mask,
+)
+from autosparse_jax.stats import Sparsity, find_state, sparsity, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "AutoSparse",
+  "Dense",
+  "GradientAnnealingState",
+  "GradualMagnitude",
+  "LatentParams",
+  "MaskStage",
+  "MaskedGradients",
+  "STR",
+  "Sparsity",
+  "SparseTrainingState",
+  "TopKAST",
+  "constant",
+  "cosine_decay",
+  "find_state",
+  "gradient_annealing",
+  "kernels",
+  "linear_decay",
+  "magnitude_mask",
+  "optax_chain",
+  "sigmoid_cosine_decay",
+  "soft_threshold",
+  "sparsity",
+  "summary",
+  "threshold_mask",
+  "topk_mask",
+]

@@ -1,0 +1,186 @@
+"""Sparse-training methods: what the chain's mask and annealing stages are.
+
+Each method is a small frozen dataclass; :func:`autosparse_jax.optax_chain` turns it into a
+``GradientTransformation`` through :meth:`components`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import optax
+
+from autosparse_jax import schedules, stages
+from autosparse_jax.selection import Prunable
+
+
+class Components(NamedTuple):
+  """The pieces a method contributes to the chain."""
+
+  stage: stages.MaskStage
+  annealing: optax.GradientTransformation
+  threshold_init: float | None  # None: the method has no learnable thresholds
+  granularity: str
+  threshold_optimizer: optax.GradientTransformation | None  # None: the base optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoSparse:
+  """Learnable soft thresholds (STR) with Gradient Annealing (Kundu et al., 2023).
+
+  ``W_eff = sign(W) * max(|W| - sigmoid(s), 0)``; pruned weights receive ``alpha_t`` of their
+  gradient. See :func:`autosparse_jax.stages.threshold_mask` and
+  :func:`autosparse_jax.stages.gradient_annealing` for the equations.
+
+  Attributes:
+    alpha: ``alpha_t``: a float in [0, 1] (constant) or a schedule ``step -> alpha``, e.g.
+      :func:`autosparse_jax.sigmoid_cosine_decay`.
+    threshold_init: initial ``s``. It sets when pruning starts: ``tau = sigmoid(s)`` must grow
+      to the weights' magnitude (STR: -3200 for ResNet50, so that weight decay takes ~20
+      epochs to pull it up; the AutoSparse re-implementation: -5).
+    granularity: ``"layer"`` (one threshold per kernel) or ``"channel"`` (one per output
+      channel, the last kernel axis).
+    ga_on_threshold: also feed the masked weights' gradient, scaled by ``alpha_t``, into the
+      threshold gradient.
+    threshold_weight_decay: extra decoupled weight decay on ``s`` (added to its gradient before
+      the threshold optimizer), for a base optimizer without decay or decay kept in the loss.
+    threshold_optimizer: optimizer for the thresholds; default: the base optimizer (its own
+      state), so that its weight decay pulls ``s`` up as in STR.
+  """
+
+  alpha: schedules.ScalarOrSchedule
+  threshold_init: float = -5.0
+  granularity: str = "layer"
+  ga_on_threshold: bool = False
+  threshold_weight_decay: float | None = None
+  threshold_optimizer: optax.GradientTransformation | None = None
+
+  def __post_init__(self):
+    schedules.as_schedule(self.alpha)  # validates a constant
+    if self.granularity not in stages.GRANULARITIES:
+      raise ValueError(
+        f"granularity: expected one of {stages.GRANULARITIES}, got {self.granularity!r}"
+      )
+    if not jnp.isfinite(self.threshold_init):
+      raise ValueError(f"threshold_init: must be a finite number, got {self.threshold_init}")
+    if self.threshold_weight_decay is not None and self.threshold_weight_decay < 0:
+      raise ValueError(
+        f"threshold_weight_decay: must be >= 0 or None, got {self.threshold_weight_decay}"
+      )
+
+  def components(self, prunable: Prunable) -> Components:
+    del prunable  # the chain gives thresholds exactly to the selected leaves
+    thr_opt = self.threshold_optimizer
+    if self.threshold_weight_decay:
+      thr_opt = (
+        optax.chain(optax.add_decayed_weights(self.threshold_weight_decay), thr_opt)
+        if (thr_opt is not None)
+        else optax.add_decayed_weights(self.threshold_weight_decay)
+      )
+    return Components(
+      stages.threshold_mask(),
+      stages.gradient_annealing(self.alpha, ga_on_threshold=self.ga_on_threshold),
+      self.threshold_init,
+      self.granularity,
+      thr_opt,
+    )
+
+
+def STR(  # noqa: N802 -- the method's name
+  threshold_init: float = -5.0,
+  granularity: str = "layer",
+  threshold_weight_decay: float | None = None,
+  threshold_optimizer: optax.GradientTransformation | None = None,
+) -> AutoSparse:
+  """Soft Threshold Reparameterization (Kusupati et al., 2020): AutoSparse with alpha = 0."""
+  return AutoSparse(
+    alpha=0.0,
+    threshold_init=threshold_init,
+    granularity=granularity,
+    threshold_weight_decay=threshold_weight_decay,
+    threshold_optimizer=threshold_optimizer,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKAST:
+  """Top-K Always Sparse Training (Jayakumar et al., 2020), optionally with GA.
+
+  Attributes:
+    forward_sparsity: fraction of each layer's weights that are zero in ``W_eff``.
+    backward_sparsity: fraction that gets no gradient (<= forward_sparsity); default: equal.
+    alpha: None for plain TopKAST (full gradient on ``B \\ A``); a float or schedule for
+      TopKAST + GA (``alpha_t`` times the gradient on ``B \\ A``).
+    penalty: TopKAST's L2 coefficient (L2 on ``A``, scaled by 1/density on ``B \\ A``).
+  """
+
+  forward_sparsity: float
+  backward_sparsity: float | None = None
+  alpha: schedules.ScalarOrSchedule | None = None
+  penalty: float = 0.0
+
+  def __post_init__(self):
+    self._stage(None)  # validates the sparsities and the penalty
+    if self.alpha is not None:
+      schedules.as_schedule(self.alpha)
+
+  def _stage(self, prunable: Prunable) -> stages.MaskStage:
+    return stages.topk_mask(
+      self.forward_sparsity, self.backward_sparsity, penalty=self.penalty, prunable=prunable
+    )
+
+  def components(self, prunable: Prunable) -> Components:
+    alpha = 1.0 if self.alpha is None else self.alpha
+    return Components(self._stage(prunable), stages.gradient_annealing(alpha), None, "layer", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradualMagnitude:
+  """Gradual magnitude pruning (Zhu & Gupta, 2017) with the cubic schedule
+
+  ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3`` for ``t0 <= t <= t1``, masks
+  recomputed every ``frequency`` steps; ``s_t = 0`` before ``t0`` and ``s_f`` after ``t1``.
+  """
+
+  target_sparsity: float
+  begin_step: int
+  end_step: int
+  frequency: int = 100
+  initial_sparsity: float = 0.0
+
+  def __post_init__(self):
+    for name in ("target_sparsity", "initial_sparsity"):
+      stages._check_sparsity(getattr(self, name), name)
+    if self.initial_sparsity > self.target_sparsity:
+      raise ValueError(
+        f"initial_sparsity: must be <= target_sparsity ({self.target_sparsity}), "
+        f"got {self.initial_sparsity}"
+      )
+    self.components(None)  # validates the steps
+
+  def sparsity(self, step) -> jnp.ndarray:
+    """The cubic schedule ``s_t``."""
+    t0, t1 = self.begin_step, self.end_step
+    progress = jnp.clip((jnp.asarray(step, jnp.float32) - t0) / max(t1 - t0, 1), 0.0, 1.0)
+    s = self.target_sparsity + (self.initial_sparsity - self.target_sparsity) * (1 - progress) ** 3
+    return jnp.where(step < t0, 0.0, s)
+
+  def components(self, prunable: Prunable) -> Components:
+    stage = stages.magnitude_mask(
+      self.sparsity,
+      begin_step=self.begin_step,
+      end_step=self.end_step,
+      frequency=self.frequency,
+      prunable=prunable,
+    )
+    return Components(stage, stages.gradient_annealing(0.0), None, "layer", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """No pruning: ``optax_chain(base, Dense())`` is ``base`` itself, for dense baselines."""
+
+
+Method = AutoSparse | TopKAST | GradualMagnitude | Dense

@@ -1,0 +1,130 @@
+"""Which leaves of a parameter tree are pruned.
+
+A leaf is addressed by its '/'-joined key path: ``{'params': {'conv1': {'kernel': w}}}`` has
+the path ``'params/conv1/kernel'``; NamedTuple fields and sequence indices join the same way,
+and an ``nnx`` Variable's trailing ``value`` attribute is dropped (``'linear/kernel'``).
+
+Only leaves with ``ndim >= 2`` (dense and conv kernels) are ever pruned: biases, norm scales
+and other vectors are never candidates, whatever a rule says.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+Selector = Callable[[str, Any], bool]
+Rule = tuple[str, bool]
+Prunable = Selector | Sequence[Rule] | None
+
+MIN_PRUNABLE_NDIM = 2
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_string(path: Sequence[Any]) -> str:
+  """'/'-joined names of a jax key path (DictKey, GetAttrKey, SequenceKey, ...)."""
+  names = [_key_name(k) for k in path]
+  if len(names) > 1 and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    names = names[:-1]
+  return "/".join(names)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """Key-path strings of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
+  return [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _as_patterns(arg: str | Sequence[str] | None, name: str) -> tuple[re.Pattern, ...]:
+  if arg is None:
+    return ()
+  if isinstance(arg, str):
+    arg = (arg,)
+  try:
+    return tuple(re.compile(p) for p in arg)
+  except (TypeError, re.error) as e:
+    raise ValueError(
+      f"{name}: expected a regex string or a sequence of them, got {arg!r} ({e})"
+    ) from None
+
+
+def kernels(
+  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+) -> Selector:
+  """Selects kernels (leaves with ndim >= 2) by regexes over their '/'-joined paths.
+
+  A leaf is selected when no ``exclude`` pattern matches its path (``re.search``) and, if
+  ``include`` is given, at least one ``include`` pattern does. ``kernels()`` selects every
+  kernel, the default of :func:`autosparse_jax.optax_chain`.
+  """
+  inc = _as_patterns(include, "include")
+  exc = _as_patterns(exclude, "exclude")
+
+  def select(path: str, leaf: Any) -> bool:
+    if any(p.search(path) for p in exc):
+      return False
+    return not inc or any(p.search(path) for p in inc)
+
+  return select
+
+
+def _from_rules(rules: Sequence[Rule]) -> Selector:
+  compiled = []
+  for rule in rules:
+    if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[1], bool)):
+      raise ValueError(
+        f"prunable: a rule list holds (regex, bool) pairs, first match wins; got {rule!r}"
+      )
+    compiled.append((_as_patterns(rule[0], "prunable")[0], rule[1]))
+
+  def select(path: str, leaf: Any) -> bool:
+    for pattern, decision in compiled:
+      if pattern.search(path):
+        return decision
+    return False
+
+  return select
+
+
+def as_selector(prunable: Prunable) -> Selector:
+  """Normalises the ``prunable`` argument: None (every kernel), rules or a callable."""
+  if prunable is None:
+    return kernels()
+  if callable(prunable):
+    return prunable
+  if isinstance(prunable, Sequence) and not isinstance(prunable, str):
+    return _from_rules(prunable)
+  raise ValueError(
+    "prunable: expected None (every kernel with ndim >= 2), a list of (regex, bool) rules "
+    f"or a callable (path, leaf) -> bool; got {prunable!r}"
+  )
+
+
+def select_leaves(params: Any, prunable: Prunable) -> list[bool]:
+  """One flag per leaf of ``params`` (``jax.tree.leaves`` order): is it pruned?
+
+  Raises:
+    ValueError: if the selection picks no leaf.
+  """
+  selector = as_selector(prunable)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flags = []
+  for path, leaf in flat:
+    name = path_string(path)
+    eligible = getattr(leaf, "ndim", 0) >= MIN_PRUNABLE_NDIM
+    flags.append(bool(eligible and selector(name, leaf)))
+  if not any(flags):
+    candidates = [path_string(p) for p, x in flat if getattr(x, "ndim", 0) >= MIN_PRUNABLE_NDIM]
+    raise ValueError(
+      "prunable: the selection picks no leaf to prune. Kernels (ndim >= 2) in these params: "
+      f"{candidates or 'none'}"
+    )
+  return flags

@@ -1,0 +1,73 @@
+"""Sparsity statistics from the actual zeros of the params, and a flat logging summary."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from autosparse_jax.chain import SparseTrainingState
+from autosparse_jax.selection import MIN_PRUNABLE_NDIM, Prunable, as_selector, path_string
+
+
+class Sparsity(NamedTuple):
+  """Fraction of exact zeros: over all selected kernels together, and per kernel."""
+
+  total: jax.Array
+  layers: dict[str, jax.Array]
+  zeros: jax.Array
+  size: int
+
+
+def _value(x: Any) -> Any:
+  # nnx Variables (e.g. nnx.Optimizer's state) hold their array in `.value`.
+  return x.value if hasattr(x, "value") and not isinstance(x, jax.Array) else x
+
+
+def sparsity(params: Any, prunable: Prunable = None) -> Sparsity:
+  """Zeros per kernel (leaves with ndim >= 2, optionally narrowed by ``prunable``) and in total.
+
+  ``total = sum_l zeros_l / sum_l size_l``. Works inside ``jax.jit``.
+  """
+  select = as_selector(prunable)
+  layers, zeros, size = {}, jnp.zeros((), jnp.int32), 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    leaf = _value(leaf)
+    name = path_string(path)
+    if getattr(leaf, "ndim", 0) < MIN_PRUNABLE_NDIM or not select(name, leaf):
+      continue
+    n = jnp.sum(leaf == 0, dtype=jnp.int32)
+    layers[name] = n / leaf.size
+    zeros, size = zeros + n, size + leaf.size
+  if not size:
+    raise ValueError("params: no kernel (leaf with ndim >= 2) is selected, nothing to measure")
+  return Sparsity(zeros / size, layers, zeros, size)
+
+
+def find_state(opt_state: Any) -> SparseTrainingState | None:
+  """The :class:`SparseTrainingState` inside any nesting of optimizer states, or None."""
+  is_state = lambda x: isinstance(x, SparseTrainingState)  # noqa: E731
+  for node in jax.tree.leaves(opt_state, is_leaf=is_state):
+    if is_state(node):
+      return node
+  return None
+
+
+def summary(params: Any, opt_state: Any = None, prunable: Prunable = None) -> dict[str, Any]:
+  """A flat dict of scalars for logging.
+
+  Keys: ``sparsity/total``, ``sparsity/<path>`` per kernel; and when ``opt_state`` holds an
+  :func:`autosparse_jax.optax_chain` state: ``alpha`` (the last ``alpha_t``), ``step``, and
+  ``tau/<path>`` (``sigmoid(s)``, the mean over channels for per-channel thresholds).
+  """
+  stats = sparsity(params, prunable)
+  out: dict[str, Any] = {"sparsity/total": stats.total}
+  out.update({f"sparsity/{k}": v for k, v in stats.layers.items()})
+  state = find_state(opt_state) if opt_state is not None else None
+  if state is not None:
+    out["alpha"] = _value(state.annealing.alpha)
+    out["step"] = _value(state.annealing.count)
+    for path, s in jax.tree_util.tree_flatten_with_path(state.latent.thresholds)[0]:
+      out[f"tau/{path_string(path)}"] = jnp.mean(jax.nn.sigmoid(_value(s)))
+  return out
