@@ -5,6 +5,7 @@ gradual magnitude pruning as one optax optimizer.
 live in submodules that load flax, tfds, orbax and clu when imported.
 """
 
+from autosparse_jax import selection
 from autosparse_jax.chain import SparseTrainingState, optax_chain
 from autosparse_jax.methods import STR, AutoSparse, Dense, GradualMagnitude, TopKAST
 from autosparse_jax.schedules import constant, cosine_decay, linear_decay, sigmoid_cosine_decay
@@ -44,6 +45,7 @@ __all__ = [
   "linear_decay",
   "magnitude_mask",
   "optax_chain",
+  "selection",
   "sigmoid_cosine_decay",
   "soft_threshold",
   "sparsity",

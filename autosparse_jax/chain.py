@@ -84,6 +84,10 @@ def optax_chain(
   parts = method.components(prunable)
   base = optax.with_extra_args_support(base)
   threshold_tx = parts.threshold_optimizer or base
+  if parts.threshold_weight_decay:
+    threshold_tx = optax.chain(
+      optax.add_decayed_weights(parts.threshold_weight_decay), threshold_tx
+    )
 
   def init(params):
     if _is_params_placeholder(params):

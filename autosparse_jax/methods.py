@@ -24,6 +24,7 @@ class Components(NamedTuple):
   threshold_init: float | None  # None: the method has no learnable thresholds
   granularity: str
   threshold_optimizer: optax.GradientTransformation | None  # None: the base optimizer
+  threshold_weight_decay: float | None = None  # added to dL/ds before the threshold optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +73,13 @@ class AutoSparse:
 
   def components(self, prunable: Prunable) -> Components:
     del prunable  # the chain gives thresholds exactly to the selected leaves
-    thr_opt = self.threshold_optimizer
-    if self.threshold_weight_decay:
-      thr_opt = (
-        optax.chain(optax.add_decayed_weights(self.threshold_weight_decay), thr_opt)
-        if (thr_opt is not None)
-        else optax.add_decayed_weights(self.threshold_weight_decay)
-      )
     return Components(
       stages.threshold_mask(),
       stages.gradient_annealing(self.alpha, ga_on_threshold=self.ga_on_threshold),
       self.threshold_init,
       self.granularity,
-      thr_opt,
+      self.threshold_optimizer,
+      self.threshold_weight_decay,
     )
 
 

@@ -46,7 +46,8 @@ def sigmoid_cosine_decay(alpha0: float, decay_steps: int, zero_at: int | None = 
   """
 
   def shape(t):
-    return jnp.maximum((1.0 + jnp.cos(jnp.pi * t)) / 2.0, 1.0 - jax.nn.sigmoid(-6.0 + 12.0 * t))
+    # 1 - sigmoid(-6 + 12 t), written as sigmoid(6 - 12 t) to avoid cancellation near t = 1.
+    return jnp.maximum((1.0 + jnp.cos(jnp.pi * t)) / 2.0, jax.nn.sigmoid(6.0 - 12.0 * t))
 
   return _decay(alpha0, decay_steps, zero_at, shape)
 

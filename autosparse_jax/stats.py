@@ -21,8 +21,8 @@ class Sparsity(NamedTuple):
 
 
 def _value(x: Any) -> Any:
-  # nnx Variables (e.g. nnx.Optimizer's state) hold their array in `.value`.
-  return x.value if hasattr(x, "value") and not isinstance(x, jax.Array) else x
+  # nnx Variables (e.g. in nnx.Optimizer's state) wrap their array.
+  return x.get_value() if hasattr(x, "get_value") else x
 
 
 def sparsity(params: Any, prunable: Prunable = None) -> Sparsity:

@@ -1,0 +1,60 @@
+"""Shared test helpers: small models, a gradient-recording base optimizer, data paths."""
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+
+def shared_data_dir() -> Path:
+  """``../shared/data`` beside the repository, or $AUTOSPARSE_SHARED_DATA."""
+  env = os.environ.get("AUTOSPARSE_SHARED_DATA")
+  return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def record_gradients() -> optax.GradientTransformation:
+  """A base 'optimizer' whose state is the last gradient it saw and whose update is zero:
+  it exposes exactly what the chain hands to the base optimizer."""
+
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+  def update(grads, state, params=None):
+    del state, params
+    return jax.tree.map(jnp.zeros_like, grads), grads
+
+  return optax.GradientTransformation(init, update)
+
+
+def mlp_params(key, sizes=(6, 5, 4), dtype=jnp.float32):
+  params = {}
+  keys = jax.random.split(key, len(sizes) - 1)
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    params[f"dense{i}"] = {
+      "kernel": (jax.random.normal(keys[i], (a, b)) * 0.5).astype(dtype),
+      "bias": jnp.full((b,), 0.1, dtype),
+    }
+  return {"params": params}
+
+
+def mlp_apply(params, x):
+  p = params["params"]
+  n = len(p)
+  for i in range(n):
+    x = x @ p[f"dense{i}"]["kernel"] + p[f"dense{i}"]["bias"]
+    if i < n - 1:
+      x = jnp.tanh(x)
+  return x
+
+
+def mlp_loss(params, x, y):
+  return jnp.mean((mlp_apply(params, x) - y) ** 2)
+
+
+@pytest.fixture
+def batch():
+  kx, ky = jax.random.split(jax.random.key(42))
+  return jax.random.normal(kx, (8, 6)), jax.random.normal(ky, (8, 4))

@@ -1,0 +1,228 @@
+"""The chain as an optax citizen: composition, pytrees, leaf selection, dtypes, bad input."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import mlp_loss, mlp_params
+
+import autosparse_jax as autosparse
+
+METHOD = autosparse.AutoSparse(alpha=0.5, threshold_init=-1.5)
+
+
+def test_non_prunable_leaves_get_exactly_the_base_update(batch):
+  x, y = batch
+  params = mlp_params(jax.random.key(0))
+  base = optax.adamw(0.01, weight_decay=0.1)
+  tx = autosparse.optax_chain(base, METHOD)
+  state, ref_state = tx.init(params), base.init(params)
+  for _ in range(3):
+    grads = jax.grad(mlp_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    ref_updates, ref_state = base.update(grads, ref_state, params)
+    for name in ("dense0", "dense1"):
+      np.testing.assert_array_equal(
+        updates["params"][name]["bias"], ref_updates["params"][name]["bias"]
+      )
+    params = optax.apply_updates(params, updates)
+
+
+def test_bf16_params_keep_their_dtype(batch):
+  x, y = batch
+  params = mlp_params(jax.random.key(1), dtype=jnp.bfloat16)
+  for method in (METHOD, autosparse.TopKAST(0.5), autosparse.GradualMagnitude(0.5, 1, 2, 1)):
+    tx = autosparse.optax_chain(optax.sgd(0.1), method)
+    state = tx.init(params)
+    grads = jax.grad(lambda p: mlp_loss(p, x.astype(jnp.bfloat16), y))(params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    for leaf in jax.tree.leaves((updates, new, state.latent.weights)):
+      assert leaf.dtype == jnp.bfloat16
+    if isinstance(method, autosparse.AutoSparse):
+      assert state.latent.thresholds["params"]["dense0"]["kernel"].dtype == jnp.float32
+      s = state.latent.thresholds["params"]["dense0"]["kernel"]
+      expected = autosparse.soft_threshold(state.latent.weights["params"]["dense0"]["kernel"], s)
+      np.testing.assert_array_equal(new["params"]["dense0"]["kernel"], expected)
+
+
+def train(tx, params, x, y, steps=3, jit=True):
+  state = tx.init(params)
+
+  def step(p, s):
+    updates, s = tx.update(jax.grad(mlp_loss)(p, x, y), s, p)
+    return optax.apply_updates(p, updates), s
+
+  step = jax.jit(step) if jit else step
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def test_jit_and_eager_agree(batch):
+  x, y = batch
+  tx = autosparse.optax_chain(optax.sgd(0.1, momentum=0.9), METHOD)
+  p_jit, _ = train(tx, mlp_params(jax.random.key(2)), x, y)
+  p_eager, _ = train(tx, mlp_params(jax.random.key(2)), x, y, jit=False)
+  for a, b in zip(jax.tree.leaves(p_jit), jax.tree.leaves(p_eager), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inside_optax_chain_and_multisteps(batch):
+  x, y = batch
+  params = mlp_params(jax.random.key(3))
+  inner = autosparse.optax_chain(optax.sgd(0.1), METHOD)
+  chained = optax.chain(optax.clip_by_global_norm(1.0), inner)
+  p, state = train(chained, params, x, y)
+  assert autosparse.summary(p, state)["alpha"] == pytest.approx(0.5)
+  assert float(autosparse.sparsity(p).total) > 0.1
+
+  multi = optax.MultiSteps(inner, every_k_schedule=2)
+  p, state = train(multi, params, x, y, steps=4)
+  assert int(autosparse.find_state(state).annealing.count) == 2  # two real updates
+  latent = autosparse.find_state(state).latent
+  s = latent.thresholds["params"]["dense0"]["kernel"]
+  expected = autosparse.soft_threshold(latent.weights["params"]["dense0"]["kernel"], s)
+  np.testing.assert_allclose(p["params"]["dense0"]["kernel"], expected, atol=1e-7)
+
+
+def test_flax_train_state(batch):
+  from flax.training import train_state
+
+  x, y = batch
+  params = mlp_params(jax.random.key(4))
+  tx = autosparse.optax_chain(optax.sgd(0.1), METHOD)
+  ts = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+
+  @jax.jit
+  def step(ts):
+    return ts.apply_gradients(grads=jax.grad(mlp_loss)(ts.params, x, y))
+
+  ts = step(step(ts))
+  assert int(ts.step) == 2
+  summary = autosparse.summary(ts.params, ts.opt_state)
+  assert summary["step"] == 2 and summary["sparsity/total"] > 0.1
+
+
+def test_nnx_optimizer():
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(6, 16, rngs=rngs)
+      self.out = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.hidden(x)))
+
+  model = MLP(nnx.Rngs(0))
+  tx = autosparse.optax_chain(optax.sgd(0.1), autosparse.STR(threshold_init=-2.5))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x, y = jnp.ones((4, 6)), jnp.zeros((4, 4))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+
+  step(model, optimizer)
+  step(model, optimizer)
+  params = nnx.state(model, nnx.Param)
+  summary = autosparse.summary(params, optimizer.opt_state)
+  assert set(k for k in summary if k.startswith("tau/")) == {"tau/hidden/kernel", "tau/out/kernel"}
+  assert summary["sparsity/hidden/kernel"] > 0  # tau = sigmoid(-2.5) = 0.076 prunes some
+  tau = float(jax.nn.sigmoid(-2.5))
+  assert summary["tau/hidden/kernel"] == pytest.approx(tau, rel=0.05)
+
+
+class Dense(NamedTuple):
+  kernel: jax.Array
+  bias: jax.Array | None
+
+
+def test_pytree_kinds_frozendict_namedtuple_none_leaves():
+  from flax.core import FrozenDict
+
+  key = jax.random.key(5)
+  tree = FrozenDict(
+    {"a": Dense(jax.random.normal(key, (4, 3)), None), "b": [jnp.ones((3, 2)), jnp.ones(2)]}
+  )
+  tx = autosparse.optax_chain(optax.sgd(0.1), METHOD)
+  state = tx.init(tree)
+  grads = jax.tree.map(jnp.ones_like, tree)
+  updates, state = jax.jit(tx.update)(grads, state, tree)
+  new = optax.apply_updates(tree, updates)
+  assert isinstance(new, FrozenDict) and isinstance(new["a"], Dense) and new["a"].bias is None
+  assert set(autosparse.sparsity(new).layers) == {"a/kernel", "b/0"}
+  thresholds = state.latent.thresholds
+  assert thresholds["a"].kernel is not None and thresholds["b"][1] is None
+
+
+def test_leaf_selection_rules():
+  params = {
+    "conv_init": {"kernel": jnp.ones((3, 3, 1, 4)), "bias": jnp.ones(4)},
+    "block": {"conv": {"kernel": jnp.ones((3, 3, 4, 4))}, "norm": {"scale": jnp.ones(4)}},
+    "head": {"kernel": jnp.ones((4, 2))},
+  }
+
+  def names(prunable):  # the leaves that got a threshold
+    tx = autosparse.optax_chain(optax.sgd(0.1), METHOD, prunable=prunable)
+    thresholds = tx.init(params).latent.thresholds
+    return sorted(autosparse.selection.leaf_paths(thresholds))
+
+  everything = ["block/conv/kernel", "conv_init/kernel", "head/kernel"]
+  assert names(None) == everything
+  assert names(autosparse.kernels(exclude=r"^conv_init/")) == ["block/conv/kernel", "head/kernel"]
+  assert names(autosparse.kernels(include=r"conv")) == ["block/conv/kernel", "conv_init/kernel"]
+  assert names([(r"^head/", False), (r".*", True)]) == ["block/conv/kernel", "conv_init/kernel"]
+  assert names(lambda path, leaf: leaf.ndim == 4) == ["block/conv/kernel", "conv_init/kernel"]
+  assert names([(r"bias|scale", True), (r"head", True)]) == ["head/kernel"]  # 1-D never pruned
+
+
+@pytest.mark.parametrize(
+  "prunable, arg",
+  [
+    (autosparse.kernels(include=r"^nothing$"), "prunable"),
+    ([(r".*", "yes")], "prunable"),
+    (42, "prunable"),
+  ],
+)
+def test_bad_selection_names_the_argument(prunable, arg):
+  params = mlp_params(jax.random.key(0))
+  with pytest.raises(ValueError, match=arg):
+    autosparse.optax_chain(optax.sgd(0.1), METHOD, prunable=prunable).init(params)
+
+
+def test_bad_arguments_name_the_argument():
+  with pytest.raises(ValueError, match="granularity"):
+    autosparse.AutoSparse(alpha=0.5, granularity="neuron")
+  with pytest.raises(ValueError, match="threshold_weight_decay"):
+    autosparse.STR(threshold_weight_decay=-1.0)
+  with pytest.raises(ValueError, match="method"):
+    autosparse.optax_chain(optax.sgd(0.1), method="autosparse")
+  with pytest.raises(ValueError, match="include"):
+    autosparse.kernels(include="(unclosed")
+  tx = autosparse.optax_chain(optax.sgd(0.1), METHOD)
+  params = mlp_params(jax.random.key(0))
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, tx.init(params))
+
+
+def test_dense_method_is_the_base_optimizer(batch):
+  x, y = batch
+  params = mlp_params(jax.random.key(6))
+  p_dense, _ = train(autosparse.optax_chain(optax.sgd(0.1), autosparse.Dense()), params, x, y)
+  p_base, _ = train(optax.sgd(0.1), params, x, y)
+  for a, b in zip(jax.tree.leaves(p_dense), jax.tree.leaves(p_base), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sparsity_counts_actual_zeros():
+  params = {"a": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]])}, "b": {"kernel": jnp.ones((2, 2))}}
+  stats = autosparse.sparsity(params)
+  assert float(stats.layers["a/kernel"]) == 0.75 and float(stats.layers["b/kernel"]) == 0.0
+  assert float(stats.total) == 3 / 8 and int(stats.zeros) == 3 and stats.size == 8
+  assert float(jax.jit(lambda p: autosparse.sparsity(p).total)(params)) == 3 / 8

@@ -1,0 +1,137 @@
+"""Top-k by counting against a numpy oracle; TopKAST and gradual magnitude in the chain."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import mlp_loss, mlp_params, record_gradients
+
+import autosparse_jax as autosparse
+from autosparse_jax import topk
+
+
+def oracle_mask(w: np.ndarray, k: int) -> np.ndarray:
+  """Top-k of |w|, ties broken by the lower flat index (a stable sort)."""
+  order = np.lexsort((np.arange(w.size), -np.abs(w.astype(np.float64)).ravel()))
+  mask = np.zeros(w.size, bool)
+  mask[order[:k]] = True
+  return mask.reshape(w.shape)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cutoffs_select_exactly_k_with_ties(dtype):
+  rng = np.random.default_rng(0)
+  arrays, ks = [], []
+  for shape in [(5, 7), (3, 3, 2, 4), (1, 9), (6, 1)]:
+    w = rng.integers(-3, 4, size=shape).astype(np.float32)  # heavy ties, zeros included
+    arrays.append(jnp.asarray(w, dtype))
+    ks.append(int(rng.integers(0, w.size + 1)))
+  arrays.append(jnp.asarray(rng.normal(size=(8, 8)), dtype))
+  ks.append(0)
+  arrays.append(jnp.asarray(rng.normal(size=(4, 4)), dtype))
+  ks.append(16)
+  cuts = jax.jit(topk.cutoffs)(arrays, ks)
+  for w, k, cut in zip(arrays, ks, cuts, strict=True):
+    got = np.asarray(topk.mask(w, cut))
+    assert got.sum() == k
+    np.testing.assert_array_equal(got, oracle_mask(np.asarray(w, np.float32), k))
+
+
+def test_keep_count_rounds():
+  assert int(topk.keep_count(1000, 0.9)) == 100
+  assert int(topk.keep_count(7, 0.5)) == 4  # round half to even: 3.5 -> 4
+
+
+def kernels_of(params):
+  return {n: np.asarray(params["params"][n]["kernel"]) for n in ("dense0", "dense1")}
+
+
+def test_topkast_exact_nonzero_counts_with_ties():
+  params = mlp_params(jax.random.key(0), sizes=(10, 20, 5))
+  # Quantise the weights so that many magnitudes tie at the cut.
+  params = jax.tree.map(lambda w: jnp.round(w * 4) / 4 if w.ndim == 2 else w, params)
+  x, y = jnp.ones((4, 10)), jnp.zeros((4, 5))
+  tx = autosparse.optax_chain(optax.sgd(0.01), autosparse.TopKAST(0.8, 0.5))
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(mlp_loss)(p, x, y), s, p))
+  for _ in range(3):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    for name, w in kernels_of(params).items():
+      latent = np.asarray(state.latent.weights["params"][name]["kernel"])
+      expected = oracle_mask(latent, round(0.2 * latent.size))
+      assert (w != 0).sum() == round(0.2 * w.size), name
+      np.testing.assert_array_equal(w != 0, expected & (latent != 0))
+      np.testing.assert_array_equal(w[expected], latent[expected])  # hard mask, no shrinkage
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_topkast_gradient_on_backward_set_only_with_ga_on_b_minus_a(alpha):
+  params = mlp_params(jax.random.key(1), sizes=(10, 20, 5))
+  x, y = jax.random.normal(jax.random.key(2), (4, 10)), jnp.zeros((4, 5))
+  tx = autosparse.optax_chain(record_gradients(), autosparse.TopKAST(0.75, 0.5, alpha=alpha))
+  state = tx.init(params)
+  grads = jax.grad(mlp_loss)(params, x, y)
+  _, state = tx.update(grads, state, params)
+  a = 1.0 if alpha is None else alpha
+  for name, w in kernels_of(params).items():
+    g = np.asarray(grads["params"][name]["kernel"])
+    fwd = oracle_mask(w, round(0.25 * w.size))
+    bwd = oracle_mask(w, round(0.5 * w.size))
+    expected = np.where(fwd, g, np.where(bwd, np.float32(a) * g, 0.0))
+    np.testing.assert_array_equal(state.base["params"][name]["kernel"], expected)
+    np.testing.assert_array_equal(state.base["params"][name]["bias"], grads["params"][name]["bias"])
+
+
+def test_topkast_penalty_gradient():
+  params = mlp_params(jax.random.key(3), sizes=(10, 20, 5))
+  zero = jax.tree.map(jnp.zeros_like, params)
+  tx = autosparse.optax_chain(record_gradients(), autosparse.TopKAST(0.75, 0.5, penalty=0.1))
+  _, state = tx.update(zero, tx.init(params), params)
+  for name, w in kernels_of(params).items():
+    fwd = oracle_mask(w, round(0.25 * w.size))
+    bwd = oracle_mask(w, round(0.5 * w.size))
+    expected = np.where(fwd, 0.1 * w, np.where(bwd, 0.1 / 0.25 * w, 0.0))
+    np.testing.assert_allclose(state.base["params"][name]["kernel"], expected, rtol=1e-6)
+
+
+def test_gradual_magnitude_follows_the_cubic_schedule_and_keeps_pruned_weights_zero():
+  method = autosparse.GradualMagnitude(0.9, begin_step=2, end_step=8, frequency=2)
+  params = mlp_params(jax.random.key(4), sizes=(10, 20, 5))
+  x, y = jax.random.normal(jax.random.key(5), (4, 10)), jnp.ones((4, 5))
+  tx = autosparse.optax_chain(optax.sgd(0.1, momentum=0.9), method)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(mlp_loss)(p, x, y), s, p))
+  pruned_before = None
+  for t in range(1, 11):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    # Hand-computed cubic schedule, at the last mask update at or before t.
+    last = None if t < 2 else min(8, 2 + (t - 2) // 2 * 2)
+    target = 0.0 if last is None else 0.9 * (1 - (1 - (last - 2) / 6) ** 3)
+    for name, w in kernels_of(params).items():
+      assert (w == 0).sum() == w.size - round((1 - target) * w.size), (t, name)
+    zeros = {n: w == 0 for n, w in kernels_of(params).items()}
+    if pruned_before is not None:  # once pruned, always pruned
+      for n in zeros:
+        assert np.all(zeros[n][pruned_before[n]])
+    pruned_before = zeros
+
+
+@pytest.mark.parametrize(
+  "make, arg",
+  [
+    (lambda: autosparse.TopKAST(1.0), "forward_sparsity"),
+    (lambda: autosparse.TopKAST(-0.1), "forward_sparsity"),
+    (lambda: autosparse.TopKAST(0.5, 0.8), "backward_sparsity"),
+    (lambda: autosparse.TopKAST(0.5, 0.2, penalty=-1.0), "penalty"),
+    (lambda: autosparse.GradualMagnitude(1.2, 0, 10), "target_sparsity"),
+    (lambda: autosparse.GradualMagnitude(0.5, 10, 5), "begin_step"),
+    (lambda: autosparse.GradualMagnitude(0.5, 0, 10, frequency=0), "frequency"),
+    (lambda: autosparse.GradualMagnitude(0.5, 0, 10, initial_sparsity=0.6), "initial_sparsity"),
+  ],
+)
+def test_bad_sparsity_arguments_name_the_argument(make, arg):
+  with pytest.raises(ValueError, match=arg):
+    make()
