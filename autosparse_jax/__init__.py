@@ -7,6 +7,7 @@ live in submodules that load flax, tfds, orbax and clu when imported.
 
 from autosparse_jax import selection
 from autosparse_jax.chain import SparseTrainingState, optax_chain
+from autosparse_jax.controller import ControllerState, ramp, sparsity_controller
 from autosparse_jax.methods import STR, AutoSparse, Dense, GradualMagnitude, TopKAST
 from autosparse_jax.schedules import constant, cosine_decay, linear_decay, sigmoid_cosine_decay
 from autosparse_jax.selection import kernels
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AutoSparse",
+  "ControllerState",
   "Dense",
   "GradientAnnealingState",
   "GradualMagnitude",
@@ -45,10 +47,12 @@ __all__ = [
   "linear_decay",
   "magnitude_mask",
   "optax_chain",
+  "ramp",
   "selection",
   "sigmoid_cosine_decay",
   "soft_threshold",
   "sparsity",
+  "sparsity_controller",
   "summary",
   "threshold_mask",
   "topk_mask",

@@ -40,6 +40,7 @@ class SparseTrainingState(NamedTuple):
     annealing: step count and the last ``alpha_t``.
     base: the base optimizer's state for the latent weights.
     thresholds: the threshold optimizer's state.
+    controller: the sparsity controller's state (``optax.EmptyState()`` without a target).
   """
 
   latent: LatentParams
@@ -47,6 +48,7 @@ class SparseTrainingState(NamedTuple):
   annealing: GradientAnnealingState
   base: Any
   thresholds: Any
+  controller: Any
 
 
 def _is_params_placeholder(params: Any) -> bool:
@@ -89,6 +91,8 @@ def optax_chain(
       optax.add_decayed_weights(parts.threshold_weight_decay), threshold_tx
     )
 
+  controller = parts.controller or optax.identity()
+
   def init(params):
     if _is_params_placeholder(params):
       thresholds = jnp.zeros((), jnp.float32)  # a non-params leaf for tree_map_params
@@ -106,6 +110,7 @@ def optax_chain(
       annealing=parts.annealing.init(params),
       base=base.init(latent.weights),
       thresholds=threshold_tx.init(thresholds),
+      controller=controller.init(params),
     )
 
   def update(grads, state, params=None, **extra_args):
@@ -123,6 +128,7 @@ def optax_chain(
     s_updates, threshold_state = threshold_tx.update(
       latent_grads.thresholds, state.thresholds, latent.thresholds, **extra_args
     )
+    s_updates, controller_state = controller.update(s_updates, state.controller, params)
     new_latent = LatentParams(
       optax.apply_updates(latent.weights, w_updates),
       optax.apply_updates(latent.thresholds, s_updates),
@@ -136,7 +142,9 @@ def optax_chain(
         leaves, treedef.flatten_up_to(w_updates), treedef.flatten_up_to(effective), strict=True
       )
     ]
-    new_state = SparseTrainingState(new_latent, mask_state, annealing, base_state, threshold_state)
+    new_state = SparseTrainingState(
+      new_latent, mask_state, annealing, base_state, threshold_state, controller_state
+    )
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -7,12 +7,13 @@ Each method is a small frozen dataclass; :func:`autosparse_jax.optax_chain` turn
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import optax
 
-from autosparse_jax import schedules, stages
+from autosparse_jax import controller, schedules, stages
 from autosparse_jax.selection import Prunable
 
 
@@ -25,6 +26,7 @@ class Components(NamedTuple):
   granularity: str
   threshold_optimizer: optax.GradientTransformation | None  # None: the base optimizer
   threshold_weight_decay: float | None = None  # added to dL/ds before the threshold optimizer
+  controller: optax.GradientTransformation | None = None  # steers the thresholds to a target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,15 @@ class AutoSparse:
       the threshold optimizer), for a base optimizer without decay or decay kept in the loss.
     threshold_optimizer: optimizer for the thresholds; default: the base optimizer (its own
       state), so that its weight decay pulls ``s`` up as in STR.
+    target_sparsity: ask for this overall sparsity (over the pruned kernels): a controller in
+      the optimizer state shifts all thresholds together so that sparsity follows
+      ``target_sparsity * target_ramp(t)`` (see :mod:`autosparse_jax.controller`).
+    target_flops_ratio: alternatively, ask for this ratio of sparse to dense MACs (e.g. 1/7);
+      needs ``dense_macs`` (per-layer dense MACs by param path, from
+      :func:`autosparse_jax.flops.count_macs` or by hand).
+    target_ramp: progress ``step -> [0, 1]`` of the target, e.g.
+      ``autosparse.ramp(0, T // 2)`` (cubic); required with a target.
+    controller_gain: shift of ``s`` per step per unit of sparsity error.
   """
 
   alpha: schedules.ScalarOrSchedule
@@ -57,9 +68,15 @@ class AutoSparse:
   ga_on_threshold: bool = False
   threshold_weight_decay: float | None = None
   threshold_optimizer: optax.GradientTransformation | None = None
+  target_sparsity: float | None = None
+  target_flops_ratio: float | None = None
+  dense_macs: Mapping[str, int] | None = None
+  target_ramp: schedules.Schedule | None = None
+  controller_gain: float = 5.0
 
   def __post_init__(self):
     schedules.as_schedule(self.alpha)  # validates a constant
+    self._controller()  # validates the target
     if self.granularity not in stages.GRANULARITIES:
       raise ValueError(
         f"granularity: expected one of {stages.GRANULARITIES}, got {self.granularity!r}"
@@ -71,6 +88,21 @@ class AutoSparse:
         f"threshold_weight_decay: must be >= 0 or None, got {self.threshold_weight_decay}"
       )
 
+  def _controller(self) -> optax.GradientTransformation | None:
+    if self.target_sparsity is None and self.target_flops_ratio is None:
+      return None
+    if self.target_ramp is None:
+      raise ValueError(
+        "target_ramp: a sparsity or FLOP target needs a ramp, e.g. autosparse.ramp(0, T // 2)"
+      )
+    return controller.sparsity_controller(
+      target_sparsity=self.target_sparsity,
+      target_flops_ratio=self.target_flops_ratio,
+      dense_macs=self.dense_macs,
+      target_ramp=self.target_ramp,
+      gain=self.controller_gain,
+    )
+
   def components(self, prunable: Prunable) -> Components:
     del prunable  # the chain gives thresholds exactly to the selected leaves
     return Components(
@@ -80,6 +112,7 @@ class AutoSparse:
       self.granularity,
       self.threshold_optimizer,
       self.threshold_weight_decay,
+      self._controller(),
     )
 
 
@@ -88,14 +121,20 @@ def STR(  # noqa: N802 -- the method's name
   granularity: str = "layer",
   threshold_weight_decay: float | None = None,
   threshold_optimizer: optax.GradientTransformation | None = None,
+  **target,
 ) -> AutoSparse:
-  """Soft Threshold Reparameterization (Kusupati et al., 2020): AutoSparse with alpha = 0."""
+  """Soft Threshold Reparameterization (Kusupati et al., 2020): AutoSparse with alpha = 0.
+
+  ``target`` takes AutoSparse's target arguments (``target_sparsity``, ``target_flops_ratio``,
+  ``dense_macs``, ``target_ramp``, ``controller_gain``).
+  """
   return AutoSparse(
     alpha=0.0,
     threshold_init=threshold_init,
     granularity=granularity,
     threshold_weight_decay=threshold_weight_decay,
     threshold_optimizer=threshold_optimizer,
+    **target,
   )
 
 

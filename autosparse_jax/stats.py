@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from autosparse_jax.chain import SparseTrainingState
+from autosparse_jax.controller import ControllerState
 from autosparse_jax.selection import MIN_PRUNABLE_NDIM, Prunable, as_selector, path_string
 
 
@@ -58,8 +59,10 @@ def summary(params: Any, opt_state: Any = None, prunable: Prunable = None) -> di
   """A flat dict of scalars for logging.
 
   Keys: ``sparsity/total``, ``sparsity/<path>`` per kernel; and when ``opt_state`` holds an
-  :func:`autosparse_jax.optax_chain` state: ``alpha`` (the last ``alpha_t``), ``step``, and
-  ``tau/<path>`` (``sigmoid(s)``, the mean over channels for per-channel thresholds).
+  :func:`autosparse_jax.optax_chain` state: ``alpha`` (the last ``alpha_t``), ``step``,
+  ``tau/<path>`` (``sigmoid(s)``, the mean over channels for per-channel thresholds) and, with
+  a sparsity or FLOP target, ``controller/target`` and ``controller/actual`` (the ramp's value
+  and the measurement at the last step: sparsity, or the FLOP ratio).
   """
   stats = sparsity(params, prunable)
   out: dict[str, Any] = {"sparsity/total": stats.total}
@@ -68,6 +71,9 @@ def summary(params: Any, opt_state: Any = None, prunable: Prunable = None) -> di
   if state is not None:
     out["alpha"] = _value(state.annealing.alpha)
     out["step"] = _value(state.annealing.count)
+    if isinstance(state.controller, ControllerState):
+      out["controller/target"] = _value(state.controller.target)
+      out["controller/actual"] = _value(state.controller.actual)
     for path, s in jax.tree_util.tree_flatten_with_path(state.latent.thresholds)[0]:
       out[f"tau/{path_string(path)}"] = jnp.mean(jax.nn.sigmoid(_value(s)))
   return out

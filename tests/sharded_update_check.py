@@ -53,6 +53,9 @@ def main():
     "channel": autosparse.AutoSparse(0.5, threshold_init=-1.0, granularity="channel"),
     "topkast": autosparse.TopKAST(0.8, 0.5, alpha=0.5),
     "magnitude": autosparse.GradualMagnitude(0.8, 1, 3, 1),
+    "target": autosparse.AutoSparse(
+      0.5, threshold_init=-1.0, target_sparsity=0.8, target_ramp=autosparse.ramp(0, 10)
+    ),
   }
   for name, method in methods.items():
     tx = autosparse.optax_chain(optax.sgd(0.1, momentum=0.9), method)
