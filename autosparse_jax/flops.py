@@ -279,7 +279,7 @@ def count_macs(
   computed, so ``params`` and ``example_args`` may be ``jax.ShapeDtypeStruct``s, e.g. from
   ``jax.eval_shape(model.init, ...)``) and walks the jaxpr, nested ones included (jit,
   closed_call, remat, custom_jvp/vjp, scan -- times its length --, while -- its body once --,
-  cond -- the dearest branch). Counted ops:
+  cond -- its most expensive branch). Counted ops:
 
   * ``conv_general_dilated``: ``prod(out shape) * prod(window) * C_in / feature_group_count``
   * ``dot_general`` with exactly one param operand: ``prod(out shape) * prod(contracted)``
