@@ -165,6 +165,14 @@ def _pruned_leaves(weights: Params, prunable: Prunable):
   return treedef, leaves, flags
 
 
+class TopKState(NamedTuple):
+  """Per pruned leaf, the :class:`autosparse_jax.topk.Cutoff` of the forward and backward sets
+  of the current latent weights (``None`` elsewhere), found once per step by ``sparsify``."""
+
+  forward: Params
+  backward: Params
+
+
 def topk_mask(
   forward_sparsity: float,
   backward_sparsity: float | None = None,
@@ -197,20 +205,34 @@ def topk_mask(
     raise ValueError(f"penalty: must be >= 0, got {penalty}")
   density = 1.0 - forward
 
-  def cuts(leaves, flags, sparsity):
+  def search(latent):
+    """The cuts of A and B of every pruned leaf, in one joint search; None elsewhere."""
+    treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ws = [w for w, f in zip(leaves, flags, strict=True) if f]
-    found = iter(topk.cutoffs(ws, [topk.keep_count(w.size, sparsity) for w in ws]))
-    return [topk.mask(w, next(found)) if f else None for w, f in zip(leaves, flags, strict=True)]
+    sparsities = (forward,) if backward == forward else (forward, backward)
+    found = iter(
+      topk.cutoffs(
+        ws * len(sparsities), [topk.keep_count(w.size, s) for s in sparsities for w in ws]
+      )
+    )
+    sets = []
+    for _ in sparsities:
+      sets.append(treedef.unflatten([next(found) if f else None for f in flags]))
+    return TopKState(sets[0], sets[-1])
+
+  def masks(leaves, cuts):
+    return [None if c is None else topk.mask(w, c) for w, c in zip(leaves, cuts, strict=True)]
 
   def init(latent):
-    del latent
-    return optax.EmptyState()
+    if not jax.tree.leaves(latent.weights):  # optax.tree_map_params' placeholder
+      return TopKState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    return search(latent)
 
   def update(grads, state, latent):
-    treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
+    leaves, treedef = jax.tree.flatten(latent.weights)
     gs = treedef.flatten_up_to(grads)
-    fwd = cuts(leaves, flags, forward)
-    bwd = fwd if backward == forward else cuts(leaves, flags, backward)
+    fwd = masks(leaves, treedef.flatten_up_to(state.forward))
+    bwd = fwd if backward == forward else masks(leaves, treedef.flatten_up_to(state.backward))
     out = []
     for g, w, a, b in zip(gs, leaves, fwd, bwd, strict=True):
       if a is None:
@@ -225,10 +247,11 @@ def topk_mask(
     return MaskedGradients(treedef.unflatten(out), treedef.unflatten(fwd), nones, nones), state
 
   def sparsify(latent, state, step):
-    del step
-    treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
-    masks = cuts(leaves, flags, forward)
-    eff = [None if m is None else jnp.where(m, w, 0) for w, m in zip(leaves, masks, strict=True)]
+    del state, step
+    state = search(latent)  # cached for the next update, whose latent this is
+    leaves, treedef = jax.tree.flatten(latent.weights)
+    fwd = masks(leaves, treedef.flatten_up_to(state.forward))
+    eff = [None if m is None else jnp.where(m, w, 0) for w, m in zip(leaves, fwd, strict=True)]
     return treedef.unflatten(eff), state
 
   return MaskStage(init, update, sparsify)
