@@ -41,6 +41,7 @@ class SparseTrainingState(NamedTuple):
     base: the base optimizer's state for the latent weights.
     thresholds: the threshold optimizer's state.
     controller: the sparsity controller's state (``optax.EmptyState()`` without a target).
+    layers_at_ceiling: how many layers the last update held at ``max_layer_sparsity``.
   """
 
   latent: LatentParams
@@ -49,11 +50,30 @@ class SparseTrainingState(NamedTuple):
   base: Any
   thresholds: Any
   controller: Any
+  layers_at_ceiling: jax.Array
 
 
 def _is_params_placeholder(params: Any) -> bool:
   # optax.tree_map_params calls init with an empty placeholder tree standing for the params.
   return not jax.tree.leaves(params)
+
+
+def _hold_at_ceiling(threshold_updates, masks, ceiling: float | None):
+  """Stops the thresholds of a layer whose sparsity (``1 - mean(M)``) reached ``ceiling`` from
+  rising any further (whatever pushes them: gradient, weight decay or the controller), so that
+  no layer silently disconnects the network. Returns the updates and how many layers are held."""
+  held = jnp.zeros((), jnp.int32)
+  if ceiling is None:
+    return threshold_updates, held
+  leaves, treedef = jax.tree.flatten(threshold_updates)
+  if not leaves:
+    return threshold_updates, held
+  out = []
+  for u, m in zip(leaves, treedef.flatten_up_to(masks), strict=True):
+    full = 1.0 - jnp.mean(m, dtype=jnp.float32) >= ceiling
+    held = held + full.astype(jnp.int32)
+    out.append(jnp.where(full, jnp.minimum(u, 0.0), u))
+  return treedef.unflatten(out), held
 
 
 def optax_chain(
@@ -111,6 +131,7 @@ def optax_chain(
       base=base.init(latent.weights),
       thresholds=threshold_tx.init(thresholds),
       controller=controller.init(params),
+      layers_at_ceiling=jnp.zeros((), jnp.int32),
     )
 
   def update(grads, state, params=None, **extra_args):
@@ -129,6 +150,7 @@ def optax_chain(
       latent_grads.thresholds, state.thresholds, latent.thresholds, **extra_args
     )
     s_updates, controller_state = controller.update(s_updates, state.controller, params)
+    s_updates, at_ceiling = _hold_at_ceiling(s_updates, masked.masks, parts.max_layer_sparsity)
     new_latent = LatentParams(
       optax.apply_updates(latent.weights, w_updates),
       optax.apply_updates(latent.thresholds, s_updates),
@@ -143,7 +165,7 @@ def optax_chain(
       )
     ]
     new_state = SparseTrainingState(
-      new_latent, mask_state, annealing, base_state, threshold_state, controller_state
+      new_latent, mask_state, annealing, base_state, threshold_state, controller_state, at_ceiling
     )
     return treedef.unflatten(out), new_state
 

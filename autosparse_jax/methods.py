@@ -27,6 +27,7 @@ class Components(NamedTuple):
   threshold_optimizer: optax.GradientTransformation | None  # None: the base optimizer
   threshold_weight_decay: float | None = None  # added to dL/ds before the threshold optimizer
   controller: optax.GradientTransformation | None = None  # steers the thresholds to a target
+  max_layer_sparsity: float | None = None  # a layer this sparse: its thresholds stop rising
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,9 @@ class AutoSparse:
     target_ramp: progress ``step -> [0, 1]`` of the target, e.g.
       ``autosparse.ramp(0, T // 2)`` (cubic); required with a target.
     controller_gain: shift of ``s`` per step per unit of sparsity error.
+    max_layer_sparsity: a layer whose sparsity reaches this is held there: its thresholds may
+      fall but no longer rise (``SparseTrainingState.layers_at_ceiling`` counts such layers).
+      None disables the guard.
   """
 
   alpha: schedules.ScalarOrSchedule
@@ -73,10 +77,15 @@ class AutoSparse:
   dense_macs: Mapping[str, int] | None = None
   target_ramp: schedules.Schedule | None = None
   controller_gain: float = 5.0
+  max_layer_sparsity: float | None = 0.999
 
   def __post_init__(self):
     schedules.as_schedule(self.alpha)  # validates a constant
     self._controller()  # validates the target
+    if self.max_layer_sparsity is not None and not 0.0 < self.max_layer_sparsity <= 1.0:
+      raise ValueError(
+        f"max_layer_sparsity: must be in (0, 1] or None, got {self.max_layer_sparsity}"
+      )
     if self.granularity not in stages.GRANULARITIES:
       raise ValueError(
         f"granularity: expected one of {stages.GRANULARITIES}, got {self.granularity!r}"
@@ -113,6 +122,7 @@ class AutoSparse:
       self.threshold_optimizer,
       self.threshold_weight_decay,
       self._controller(),
+      self.max_layer_sparsity,
     )
 
 
@@ -121,12 +131,13 @@ def STR(  # noqa: N802 -- the method's name
   granularity: str = "layer",
   threshold_weight_decay: float | None = None,
   threshold_optimizer: optax.GradientTransformation | None = None,
-  **target,
+  **options,
 ) -> AutoSparse:
   """Soft Threshold Reparameterization (Kusupati et al., 2020): AutoSparse with alpha = 0.
 
-  ``target`` takes AutoSparse's target arguments (``target_sparsity``, ``target_flops_ratio``,
-  ``dense_macs``, ``target_ramp``, ``controller_gain``).
+  ``options`` are AutoSparse's target and guard arguments (``target_sparsity``,
+  ``target_flops_ratio``, ``dense_macs``, ``target_ramp``, ``controller_gain``,
+  ``max_layer_sparsity``).
   """
   return AutoSparse(
     alpha=0.0,
@@ -134,7 +145,7 @@ def STR(  # noqa: N802 -- the method's name
     granularity=granularity,
     threshold_weight_decay=threshold_weight_decay,
     threshold_optimizer=threshold_optimizer,
-    **target,
+    **options,
   )
 
 

@@ -60,6 +60,7 @@ def summary(params: Any, opt_state: Any = None, prunable: Prunable = None) -> di
 
   Keys: ``sparsity/total``, ``sparsity/<path>`` per kernel; and when ``opt_state`` holds an
   :func:`autosparse_jax.optax_chain` state: ``alpha`` (the last ``alpha_t``), ``step``,
+  ``layers_at_ceiling`` (layers held at ``max_layer_sparsity``),
   ``tau/<path>`` (``sigmoid(s)``, the mean over channels for per-channel thresholds) and, with
   a sparsity or FLOP target, ``controller/target`` and ``controller/actual`` (the ramp's value
   and the measurement at the last step: sparsity, or the FLOP ratio).
@@ -71,6 +72,7 @@ def summary(params: Any, opt_state: Any = None, prunable: Prunable = None) -> di
   if state is not None:
     out["alpha"] = _value(state.annealing.alpha)
     out["step"] = _value(state.annealing.count)
+    out["layers_at_ceiling"] = _value(state.layers_at_ceiling)
     if isinstance(state.controller, ControllerState):
       out["controller/target"] = _value(state.controller.target)
       out["controller/actual"] = _value(state.controller.actual)

@@ -201,6 +201,8 @@ def test_bad_arguments_name_the_argument():
     autosparse.AutoSparse(alpha=0.5, granularity="neuron")
   with pytest.raises(ValueError, match="threshold_weight_decay"):
     autosparse.STR(threshold_weight_decay=-1.0)
+  with pytest.raises(ValueError, match="max_layer_sparsity"):
+    autosparse.STR(max_layer_sparsity=1.5)
   with pytest.raises(ValueError, match="method"):
     autosparse.optax_chain(optax.sgd(0.1), method="autosparse")
   with pytest.raises(ValueError, match="include"):
@@ -226,3 +228,27 @@ def test_sparsity_counts_actual_zeros():
   assert float(stats.layers["a/kernel"]) == 0.75 and float(stats.layers["b/kernel"]) == 0.0
   assert float(stats.total) == 3 / 8 and int(stats.zeros) == 3 and stats.size == 8
   assert float(jax.jit(lambda p: autosparse.sparsity(p).total)(params)) == 3 / 8
+
+
+def test_layer_at_the_sparsity_ceiling_is_held():
+  params = {
+    "tiny": {"kernel": jnp.full((4, 4), 1e-3)},  # below tau: 100% sparse
+    "big": {"kernel": jnp.full((4, 4), 1.0)},  # far above tau: 0% sparse
+  }
+  # Weight decay on s (s < 0) pushes every threshold up each step.
+  method = autosparse.STR(threshold_init=-3.0, threshold_weight_decay=1.0)
+  tx = autosparse.optax_chain(optax.sgd(0.1), method)
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  _, state = tx.update(zero, state, params)
+  s = state.latent.thresholds
+  assert float(s["tiny"]["kernel"]) == -3.0  # held: its update was clipped to <= 0
+  assert float(s["big"]["kernel"]) == pytest.approx(-3.0 + 0.1 * 3.0)  # sgd on wd * s
+  assert int(state.layers_at_ceiling) == 1
+  assert autosparse.summary(params, state)["layers_at_ceiling"] == 1
+
+  free = autosparse.optax_chain(
+    optax.sgd(0.1), autosparse.STR(-3.0, threshold_weight_decay=1.0, max_layer_sparsity=None)
+  )
+  _, state = free.update(zero, free.init(params), params)
+  assert float(state.latent.thresholds["tiny"]["kernel"]) > -3.0
