@@ -7,6 +7,7 @@ Each method is a small frozen dataclass; :func:`autosparse_jax.optax_chain` turn
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -90,7 +91,7 @@ class AutoSparse:
       raise ValueError(
         f"granularity: expected one of {stages.GRANULARITIES}, got {self.granularity!r}"
       )
-    if not jnp.isfinite(self.threshold_init):
+    if not math.isfinite(self.threshold_init):
       raise ValueError(f"threshold_init: must be a finite number, got {self.threshold_init}")
     if self.threshold_weight_decay is not None and self.threshold_weight_decay < 0:
       raise ValueError(
