@@ -1,0 +1,372 @@
+"""The experiment config schema: every field with its default, and validation.
+
+Config files in ``configs/`` start from :func:`base_config` and change what their experiment
+needs; ``--config.<field>=value`` overrides any field from the command line. The sparse-training
+method is chosen by ``config.method``; each method reads its hyperparameters from its own block
+``config.sparsity.<method>``, so one config file carries per-method defaults and
+``--config.method=str`` switches to STR with STR's defaults.
+
+:func:`validate` checks names, ranges and divisibility and raises ``ValueError`` naming the
+field, before anything is built, compiled or written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+METHODS = ("dense", "autosparse", "str", "topkast", "topkast_ga", "gmp")
+"""Values of ``config.method``."""
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+ALPHA_SCHEDULES = ("sigmoid_cosine", "cosine", "linear", "constant")
+SHARDINGS = ("data", "fsdp")
+GRANULARITIES = ("layer", "channel")
+
+# Fields that define what a checkpoint holds and what the data position means: a workdir
+# whose checkpoint disagrees on any of them cannot be resumed with this config.
+RUN_IDENTITY_FIELDS = (
+  "model",
+  "model_kwargs",
+  "dataset",
+  "image_size",
+  "method",
+  "optimizer",
+  "global_batch_size",
+  "seed",
+)
+
+
+def _alpha_block(alpha0: float) -> dict[str, Any]:
+  return {
+    # alpha_t = alpha0 * shape(t / alpha_decay_steps), 0 from alpha_zero_at on.
+    "alpha0": alpha0,
+    "alpha_schedule": "sigmoid_cosine",
+    "alpha_decay_steps": config_dict.placeholder(int),  # None: the total training steps
+    "alpha_zero_at": config_dict.placeholder(int),  # None: 90% of the total training steps
+  }
+
+
+def _threshold_block(threshold_init: float) -> dict[str, Any]:
+  return {
+    "threshold_init": threshold_init,  # initial s, tau = sigmoid(s)
+    "granularity": "layer",  # "layer" | "channel"
+    # Extra decay on s alone (added to dL/ds), on top of the base optimizer's.
+    "threshold_weight_decay": 0.0,
+    # True: the base optimizer's weight decay also pulls s up (STR); False: s gets the base
+    # optimizer without weight decay.
+    "decay_thresholds": True,
+    # Optional overall sparsity target: a controller shifts all thresholds so that sparsity
+    # follows target_sparsity * cubic_ramp(step / target_ramp_steps) (autosparse.ramp).
+    "target_sparsity": config_dict.placeholder(float),
+    # Or a target ratio of sparse to dense inference MACs (e.g. 1/7), same controller.
+    "target_flops_ratio": config_dict.placeholder(float),
+    "target_ramp_steps": config_dict.placeholder(int),  # None: half of the total steps
+    "max_layer_sparsity": 0.999,  # a layer this sparse stops raising its threshold
+  }
+
+
+def sparsity_defaults() -> ml_collections.ConfigDict:
+  """``config.sparsity``: one block per method, plus the kernels never pruned.
+
+  Every block has ``weight_decay``: None uses ``config.weight_decay``; a float replaces it for
+  that method (STR's sparsity is set by its weight decay).
+  """
+  wd = {"weight_decay": config_dict.placeholder(float)}
+  return ml_collections.ConfigDict(
+    {
+      # Regexes (re.search) over '/'-joined kernel paths, e.g. ('^conv_init/',): never pruned.
+      "exclude": (),
+      "dense": {**wd},
+      "autosparse": {**_alpha_block(0.5), **_threshold_block(-5.0), "ga_on_threshold": False, **wd},
+      "str": {**_threshold_block(-5.0), **wd},
+      "topkast": {"forward_sparsity": 0.8, "backward_sparsity": 0.5, "penalty": 0.0, **wd},
+      "topkast_ga": {
+        "forward_sparsity": 0.8,
+        "backward_sparsity": 0.5,
+        "penalty": 0.0,
+        **_alpha_block(0.5),
+        **wd,
+      },
+      "gmp": {
+        "target_sparsity": 0.8,
+        "initial_sparsity": 0.0,
+        "begin_step": config_dict.placeholder(int),  # None: 10% of the total steps
+        "end_step": config_dict.placeholder(int),  # None: 75% of the total steps
+        "frequency": 100,  # steps between mask updates
+        **wd,
+      },
+    }
+  )
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the training system reads, with its default (the digits MLP, AutoSparse)."""
+  c = ml_collections.ConfigDict()
+
+  # What to train.
+  c.model = "lenet_300_100"  # autosparse_jax.models.get_model name
+  c.model_kwargs = ml_collections.ConfigDict()  # model field overrides, e.g. {"width": 0.5}
+  c.dataset = "digits"  # autosparse_jax.data.make_dataset name
+  c.data_dir = config_dict.placeholder(str)  # tfds data_dir (or MNIST .npz)
+  c.image_size = config_dict.placeholder(int)  # ImageNet crop size; None: the dataset's
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.num_workers = config_dict.placeholder(int)  # data threads; None: by dataset
+  c.seed = 0  # model init, data order and augmentation
+
+  # How long.
+  c.num_epochs = 10.0
+  c.num_train_steps = -1  # > 0: overrides num_epochs
+  c.global_batch_size = 128  # over all devices and processes
+  c.eval_batch_size = 256  # global
+  c.eval_every_epochs = 1.0  # and always at the end
+  c.num_eval_steps = -1  # -1: the whole eval split
+
+  # Optimizer (the base optimizer that the sparse method wraps).
+  c.optimizer = "sgd"  # "sgd" (momentum) | "adamw" (b1 = momentum)
+  c.learning_rate = 0.1  # peak; at base_batch_size if base_batch_size > 0
+  c.base_batch_size = 0  # > 0: lr = learning_rate * global_batch_size / base_batch_size
+  c.lr_schedule = "cosine"  # linear warmup, then "cosine" decay to 0 or "constant"
+  c.warmup_epochs = 0.0
+  c.momentum = 0.9
+  c.nesterov = False
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.weight_decay = 1e-4  # on kernels (and thresholds), never on batch norm or biases
+  c.label_smoothing = 0.0
+  c.grad_clip_norm = 0.0  # > 0: clip the gradient's global norm
+
+  # Sparse training.
+  c.method = "autosparse"  # one of METHODS; hyperparameters in config.sparsity.<method>
+  c.sparsity = sparsity_defaults()
+
+  # Hardware.
+  c.half_precision = False  # bfloat16 compute (params, optimizer state stay float32)
+  c.sharding = "data"  # "data" (replicated params) | "fsdp" (params + optimizer state sharded)
+  c.fsdp_min_size = 1024  # FSDP: params with fewer elements stay replicated
+  c.num_devices = config_dict.placeholder(int)  # None: every device (must be, multi-process)
+
+  # Logging and checkpoints.
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.tensorboard = True
+  return c
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+  raise ValueError(f"config.{field}={value!r}: {why}")
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
+  value = config[field]
+  if value not in choices:
+    _fail(field, value, f"must be one of {choices}")
+
+
+def _check_number(config, field: str, *, low=None, high=None, low_open=False, integer=False):
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    _fail(field, value, "must be a number")
+  if integer and int(value) != value:
+    _fail(field, value, "must be an integer")
+  if low is not None and (value <= low if low_open else value < low):
+    _fail(field, value, f"must be {'>' if low_open else '>='} {low}")
+  if high is not None and value >= high:
+    _fail(field, value, f"must be < {high}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def validate(
+  config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1
+) -> None:
+  """Checks ``config`` before anything is built.
+
+  Args:
+    config: the experiment config.
+    device_count: devices in the job (all processes).
+    process_count: processes in the job.
+
+  Raises:
+    ValueError: naming the first bad field, its value and what it must be. The method's own
+      hyperparameters are checked when the method is built (:mod:`autosparse_jax.optim`).
+  """
+  from autosparse_jax.data import DATASET_NAMES
+  from autosparse_jax.models import MODELS
+
+  base = base_config()
+  missing = [k for k in base if k not in config]
+  if missing:
+    raise ValueError(f"config lacks the fields {missing}; start from config_lib.base_config()")
+  unknown = [k for k in config if k not in base]
+  unknown += [
+    f"sparsity.{m}.{k}"
+    for m in base.sparsity
+    if isinstance(base.sparsity[m], ml_collections.ConfigDict) and m in config.sparsity
+    for k in config.sparsity[m]
+    if k not in base.sparsity[m]
+  ]
+  if unknown:
+    raise ValueError(f"config.{unknown[0]}: unknown field (a typo?); fields: base_config()")
+  _check_choice(config, "model", tuple(sorted(MODELS)))
+  _check_choice(config, "dataset", DATASET_NAMES)
+  _check_choice(config, "method", METHODS)
+  _check_choice(config, "optimizer", OPTIMIZERS)
+  _check_choice(config, "lr_schedule", LR_SCHEDULES)
+  _check_choice(config, "sharding", SHARDINGS)
+  if not isinstance(config.model_kwargs, Mapping | ml_collections.ConfigDict):
+    _fail("model_kwargs", config.model_kwargs, "must be a dict of model field overrides")
+  if config.method not in config.sparsity:
+    _fail("sparsity", list(config.sparsity), f"lacks the block for method {config.method!r}")
+
+  for field in ("global_batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):
+    _check_number(config, field, low=1, integer=True)
+  _check_number(config, "checkpoint_every_steps", low=1, integer=True)
+  _check_number(config, "seed", low=0, integer=True)
+  _check_number(config, "num_train_steps", integer=True)
+  _check_number(config, "num_eval_steps", integer=True)
+  _check_number(config, "fsdp_min_size", low=0, integer=True)
+  if config.num_train_steps <= 0:
+    _check_number(config, "num_epochs", low=0, low_open=True)
+  _check_number(config, "eval_every_epochs", low=0, low_open=True)
+  _check_number(config, "learning_rate", low=0)
+  _check_number(config, "base_batch_size", low=0, integer=True)
+  _check_number(config, "warmup_epochs", low=0)
+  _check_number(config, "momentum", low=0, high=1)
+  _check_number(config, "adam_b2", low=0, high=1)
+  _check_number(config, "adam_eps", low=0)
+  _check_number(config, "weight_decay", low=0)
+  _check_number(config, "label_smoothing", low=0, high=1)
+  _check_number(config, "grad_clip_norm", low=0)
+  block = config.sparsity[config.method]
+  prefix = f"sparsity.{config.method}"
+  if block.get("weight_decay") is not None:
+    _check_number(config, f"{prefix}.weight_decay", low=0)
+  if "alpha_schedule" in block and block.alpha_schedule not in ALPHA_SCHEDULES:
+    _fail(f"{prefix}.alpha_schedule", block.alpha_schedule, f"must be one of {ALPHA_SCHEDULES}")
+  if "granularity" in block and block.granularity not in GRANULARITIES:
+    _fail(f"{prefix}.granularity", block.granularity, f"must be one of {GRANULARITIES}")
+  if "threshold_weight_decay" in block:
+    _check_number(config, f"{prefix}.threshold_weight_decay", low=0)
+  for field in ("alpha_decay_steps", "begin_step", "end_step", "target_ramp_steps"):
+    if block.get(field) is not None:
+      _check_number(config, f"{prefix}.{field}", low=0, integer=True)
+  if block.get("alpha_zero_at") is not None:
+    _check_number(config, f"{prefix}.alpha_zero_at", low=0, integer=True)
+  if isinstance(config.sparsity.exclude, str):
+    _fail("sparsity.exclude", config.sparsity.exclude, "must be a tuple of regex strings")
+
+  if config.num_devices is not None:
+    _check_number(config, "num_devices", low=1, integer=True)
+    if config.num_devices > device_count:
+      _fail("num_devices", config.num_devices, f"only {device_count} devices are available")
+    if process_count > 1 and config.num_devices != device_count:
+      _fail("num_devices", config.num_devices, "a multi-process job must use every device")
+  devices = config.num_devices or device_count
+  for field in ("global_batch_size", "eval_batch_size"):
+    value = config[field]
+    if value % devices:
+      _fail(field, value, f"must be divisible by the number of devices ({devices})")
+    if value % process_count:
+      _fail(field, value, f"must be divisible by the number of processes ({process_count})")
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The fields that a checkpoint must agree on to be resumed (JSON-friendly)."""
+  out = {}
+  for field in RUN_IDENTITY_FIELDS:
+    value = config[field]
+    out[field] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return json.loads(json.dumps(out))  # tuples become lists, as in a stored checkpoint
+
+
+def digits_default() -> ml_collections.ConfigDict:
+  """The offline default (``configs/default.py``): LeNet-300-100 over the 8x8 digits pixels,
+  AutoSparse, 30 epochs of batch 64 (660 steps), about 10-20 seconds on a laptop CPU."""
+  config = base_config()
+  config.model = "lenet_300_100"
+  config.dataset = "digits"
+  config.global_batch_size = 64
+  config.eval_batch_size = 128
+  config.num_epochs = 30.0
+  config.learning_rate = 0.05
+  config.momentum = 0.9
+  config.warmup_epochs = 1.0
+  config.weight_decay = 1e-3
+  config.log_every_steps = 50
+  config.eval_every_epochs = 5.0
+  config.checkpoint_every_steps = 200
+
+  config.method = "autosparse"
+  sp = config.sparsity
+  for name in ("autosparse", "str"):
+    sp[name].threshold_init = -4.0
+    sp[name].threshold_weight_decay = 0.02
+  sp.autosparse.alpha0 = 0.5
+  sp.gmp.frequency = 20
+  return config
+
+
+def imagenet_recipe() -> ml_collections.ConfigDict:
+  """STR's ImageNet recipe (RECIPES.md) with the hardware defaults of a TPU pod slice.
+
+  100 epochs, SGD momentum 0.875, peak lr 0.256 per 256 examples (linear scaling), 5 warmup
+  epochs then cosine, label smoothing 0.1, weight decay on kernels and thresholds, bfloat16
+  compute, global batch 1024, data parallel. The model and the per-method blocks are the
+  experiment config's.
+  """
+  c = base_config()
+  c.dataset = "imagenet2012"
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.image_size = 224
+  c.num_workers = 32  # JPEG decoding threads per host (PIL releases the GIL)
+  c.num_epochs = 100.0
+  c.global_batch_size = 1024
+  c.eval_batch_size = 1024
+  c.eval_every_epochs = 1.0
+  c.optimizer = "sgd"
+  c.learning_rate = 0.256
+  c.base_batch_size = 256
+  c.lr_schedule = "cosine"
+  c.warmup_epochs = 5.0
+  c.momentum = 0.875
+  c.nesterov = False
+  c.label_smoothing = 0.1
+  c.weight_decay = 3.0517578125e-05  # NVIDIA's / STR's dense ResNet50 value
+  c.half_precision = True
+  c.sharding = "data"
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2500
+  c.keep_checkpoints = 3
+  c.sparsity.gmp.frequency = 500  # Gale et al.'s 2000 steps at batch 256
+  return c
+
+
+def tiny_local_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks an ImageNet config to run on a laptop CPU: 64x64 crops, batch 32, 200 steps,
+  float32, evaluation on 10 batches. The model is replaced by the experiment's tiny model."""
+  config.image_size = 64
+  config.num_workers = None
+  config.global_batch_size = 32
+  config.eval_batch_size = 32
+  config.num_train_steps = 200
+  config.num_eval_steps = 10
+  config.eval_every_epochs = 1.0
+  config.warmup_epochs = 0.0
+  config.half_precision = False
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 100
+  config.sparsity.gmp.frequency = 10
+  return config

@@ -1,0 +1,280 @@
+"""Metric writers (console, JSON lines, TensorBoard) and a progress meter, without TensorFlow.
+
+clu's ``metric_writers`` import TensorFlow; these follow their interface
+(``write_scalars(step, scalars)``, ``write_hparams(hparams)``, ``flush()``, ``close()``):
+
+* :class:`ConsoleWriter`: one absl log line per call; keys of per-layer statistics (those
+  with a param path, ``sparsity/<path>``, ``tau/<path>``) are left out to keep it readable.
+* :class:`JsonlWriter`: ``metrics.jsonl`` in the workdir, one JSON object per call,
+  ``{"step": s, "time": unix seconds, <key>: value, ...}``, every key. On resume it first
+  drops the records of steps after the restored step, so that the file reads as one run.
+* :class:`TensorBoardWriter`: event files through the pure-Python ``tensorboard`` package
+  (scalars and the hparams plugin). On resume it writes a ``SessionLog.START`` at the restored
+  step, which makes TensorBoard discard the old events of later steps.
+
+:func:`create_writers` gives all three on process 0 and nothing on the other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_KEYS = ("time", "train/steps_per_sec", "train/eta_seconds", "train/elapsed_seconds")
+"""Record keys that depend on wall time (everything else in a record is deterministic)."""
+
+
+class MetricWriter(Protocol):
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
+
+  def flush(self) -> None: ...
+
+  def close(self) -> None: ...
+
+
+def _to_float(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+def is_per_layer(key: str) -> bool:
+  """``sparsity/fc1/kernel`` and ``tau/fc1/kernel`` are per-layer; ``sparsity/total`` not."""
+  return key.count("/") >= 2
+
+
+class ConsoleWriter:
+  """absl ``logging.info`` lines ``[step] key=value, ...`` (per-layer keys left out)."""
+
+  def __init__(self, per_layer: bool = False):
+    self.per_layer = per_layer
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    items = [
+      f"{k}={_to_float(v):.6g}" for k, v in scalars.items() if self.per_layer or not is_per_layer(k)
+    ]
+    logging.info("[%d] %s", step, ", ".join(items))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    logging.info("hparams: %s", ", ".join(f"{k}={v}" for k, v in hparams.items()))
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl``; a torn last line (a killed writer) is skipped."""
+  records = []
+  path = Path(path)
+  if not path.exists():
+    return records
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records
+
+
+class JsonlWriter:
+  """Appends one JSON object per ``write_scalars`` call to ``path``.
+
+  Args:
+    path: the file (created with its directory).
+    resume_step: drop the existing records with ``step > resume_step`` first (a resumed run
+      rewrites them); None keeps the file as it is.
+  """
+
+  def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+    self.path = Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and self.path.exists():
+      kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
+      tmp = self.path.with_suffix(".tmp")
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      os.replace(tmp, self.path)
+    self._file = open(self.path, "a")  # noqa: SIM115 -- closed in close()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    record = {"step": int(step), "time": time.time()}
+    record.update({k: _to_float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    del hparams  # the workdir's config.json holds them
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+
+
+class TensorBoardWriter:
+  """TensorBoard event files in ``logdir`` (needs the ``tensorboard`` package, not TF)."""
+
+  def __init__(self, logdir: str | os.PathLike, resume_step: int | None = None):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    self._event_pb2 = event_pb2
+    self._summary_pb2 = summary_pb2
+    self._writer = EventFileWriter(os.fspath(logdir))
+    if resume_step:
+      # Tells TensorBoard to discard events of steps >= resume_step + 1 from the old run.
+      self._add(
+        event_pb2.Event(
+          step=int(resume_step) + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+      )
+
+  def _add(self, event) -> None:
+    event.wall_time = time.time()
+    self._writer.add_event(event)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = [
+      self._summary_pb2.Summary.Value(tag=k, simple_value=_to_float(v)) for k, v in scalars.items()
+    ]
+    self._add(
+      self._event_pb2.Event(step=int(step), summary=self._summary_pb2.Summary(value=values))
+    )
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    from tensorboard.plugins.hparams import summary_v2 as hp
+
+    clean = {
+      k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in hparams.items()
+    }
+    self._add(self._event_pb2.Event(step=0, summary=hp.hparams_pb(clean)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class MultiWriter:
+  """Forwards every call to each of ``writers``."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self.writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for w in self.writers:
+      w.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    for w in self.writers:
+      w.write_hparams(hparams)
+
+  def flush(self) -> None:
+    for w in self.writers:
+      w.flush()
+
+  def close(self) -> None:
+    for w in self.writers:
+      w.close()
+
+
+def create_writers(
+  workdir: str | os.PathLike,
+  *,
+  process_index: int = 0,
+  resume_step: int | None = None,
+  tensorboard: bool = True,
+) -> MultiWriter:
+  """Console + ``metrics.jsonl`` + TensorBoard on process 0; no writer elsewhere.
+
+  TensorBoard is skipped with a warning when the ``tensorboard`` package is missing.
+  """
+  if process_index != 0:
+    return MultiWriter([])
+  writers: list[MetricWriter] = [
+    ConsoleWriter(),
+    JsonlWriter(Path(workdir) / METRICS_FILE, resume_step),
+  ]
+  if tensorboard:
+    try:
+      writers.append(TensorBoardWriter(workdir, resume_step))
+    except ImportError:
+      logging.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+  return MultiWriter(writers)
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or not any(
+      n in record.pathname for n in self.NOISY
+    )
+
+
+def quiet_library_logs() -> None:
+  """Hides orbax's and jax's INFO lines (one per save, compile, ...) from the absl handler."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+
+
+def format_duration(seconds: float) -> str:
+  """``3725`` -> ``'1h02m05s'``."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+  """Steps per second and time to go, measured between calls.
+
+  Call :meth:`mark` after the first step (mostly compilation) so that the first rate is the
+  steady state.
+  """
+
+  def __init__(self, total_steps: int):
+    self.total_steps = int(total_steps)
+    self._start = time.monotonic()
+    self._last: tuple[int, float] | None = None
+
+  def mark(self, step: int) -> None:
+    """Starts the next measurement at ``step`` (e.g. after the compiling first step)."""
+    self._last = (int(step), time.monotonic())
+
+  def update(self, step: int) -> dict[str, float]:
+    """Scalars for step ``step`` (steps done): steps/s since the last call and the ETA."""
+    now = time.monotonic()
+    out = {"train/elapsed_seconds": now - self._start}
+    if self._last is not None and step > self._last[0] and now > self._last[1]:
+      rate = (step - self._last[0]) / (now - self._last[1])
+      out["train/steps_per_sec"] = rate
+      out["train/eta_seconds"] = (self.total_steps - step) / rate
+    self._last = (int(step), now)
+    return out
+
+  def line(self, step: int, scalars: Mapping[str, float]) -> str:
+    """``step 200/1000 (20.0%), 35.1 steps/s, ETA 22s``."""
+    text = f"step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.1f}%)"
+    if "train/steps_per_sec" in scalars:
+      text += f", {scalars['train/steps_per_sec']:.3g} steps/s"
+      text += f", ETA {format_duration(scalars['train/eta_seconds'])}"
+    return text
