@@ -370,3 +370,27 @@ def tiny_local_variant(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.checkpoint_every_steps = 100
   config.sparsity.gmp.frequency = 10
   return config
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to ``<workdir>/config.json``: :func:`base_config` with the stored
+  values (JSON lists back to tuples where the field is a tuple; new keys, e.g. in
+  ``model_kwargs``, added)."""
+  import json
+
+  def apply(node: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+      current = node[key] if key in node else None
+      if isinstance(value, dict):
+        if isinstance(current, ml_collections.ConfigDict):
+          apply(current, value)
+        else:
+          node[key] = ml_collections.ConfigDict(value)
+      elif isinstance(value, list) and (current is None or isinstance(current, tuple)):
+        node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+      else:
+        node[key] = value
+
+  config = base_config()
+  apply(config, json.loads(text))
+  return config

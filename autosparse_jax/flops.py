@@ -61,14 +61,18 @@ import numpy as np
 from jax.extend import core as jex_core
 
 __all__ = [
+  "RunningTrainingCost",
   "TrainingCostRecord",
   "count_macs",
+  "densities_from_record",
   "global_avg_pool_macs",
+  "inference_ratio_from_density",
   "inference_macs",
   "layer_density",
   "macs_to_flops",
   "training_cost_ratio",
   "training_macs_per_step",
+  "weight_grad_density",
 ]
 
 # Ops through which a param keeps its identity (same values, other dtype or shape).
@@ -517,3 +521,118 @@ def training_cost_ratio(
   if total_steps == 0 or dense_step == 0:
     raise ValueError("history must cover at least one step of a model with MACs")
   return total_cost / (total_steps * dense_step)
+
+
+# --------------------------------------------------------------------------- runs (logging)
+
+GA_METHODS = ("autosparse", "topkast_ga")
+"""Methods whose weight gradient is dense while gradient annealing's ``alpha_t > 0``."""
+
+
+def weight_grad_density(
+  method: str,
+  forward_density: Mapping[str, float],
+  *,
+  alpha: float | None = None,
+  backward_sparsity: float | None = None,
+) -> Density:
+  """The weight-gradient density ``d^wg_l`` of a training method (see the module docstring).
+
+  * ``'dense'``: 1.0;
+  * ``'autosparse'``, ``'topkast_ga'`` while ``alpha > 0``: 1.0 (masked weights get
+    ``alpha_t * g``);
+  * ``'topkast'``: ``1 - backward_sparsity`` on every layer of ``forward_density`` (the
+    prunable ones; the others count as dense);
+  * otherwise (``'str'``, ``'gmp'``, GA methods once ``alpha = 0``): ``forward_density``.
+  """
+  if method == "dense":
+    return 1.0
+  if method in GA_METHODS and alpha is not None and alpha > 0:
+    return 1.0
+  if method == "topkast":
+    if backward_sparsity is None:
+      raise ValueError("method 'topkast' needs its backward_sparsity")
+    return {k: 1.0 - float(backward_sparsity) for k in forward_density}
+  return dict(forward_density)
+
+
+def densities_from_record(record: Mapping[str, Any]) -> dict[str, float]:
+  """``{path: 1 - s_l}`` from a logged record's ``sparsity/<path>`` keys (``sparsity/total``
+  is left out)."""
+  return {
+    k.removeprefix("sparsity/"): 1.0 - float(v)
+    for k, v in record.items()
+    if k.startswith("sparsity/") and k != "sparsity/total"
+  }
+
+
+def inference_ratio_from_density(
+  dense_macs: Mapping[str, int], forward_density: Mapping[str, float]
+) -> float:
+  """``sum_l d_l M_l / sum_l M_l``; layers missing from ``forward_density`` count as dense."""
+  dense_total = float(sum(dense_macs.values()))
+  if not dense_total:
+    return float("nan")
+  sparse = sum(m * _density_of(forward_density, p, "density") for p, m in dense_macs.items())
+  return sparse / dense_total
+
+
+class RunningTrainingCost:
+  """The training-cost ratio of a run so far, updated at each log step (cheap: per-layer
+  densities the logging already measured, no work per train step).
+
+  Each :meth:`update` at global step ``s`` charges the steps since the previous update (or since
+  step 0) at the densities measured at ``s``; :attr:`ratio` is then
+  ``sum_r n_r C(r) / (sum_r n_r * 3 * sum_l M_l)`` (:func:`training_cost_ratio`). A resumed run
+  replays the logged records through :meth:`update` (:meth:`replay`), so its values equal the
+  uninterrupted run's.
+  """
+
+  def __init__(
+    self, dense_macs: Mapping[str, int], method: str, backward_sparsity: float | None = None
+  ):
+    self.dense_macs = dict(dense_macs)
+    self.method = method
+    self.backward_sparsity = backward_sparsity
+    self.cost = 0.0  # sum_r n_r * C(r), MACs per example
+    self.steps = 0
+    self.last_step = 0
+
+  def update(
+    self, step: int, forward_density: Mapping[str, float], alpha: float | None = None
+  ) -> float:
+    """Charges steps ``(last_step, step]``; returns the ratio so far."""
+    n = int(step) - self.last_step
+    if n < 0:
+      raise ValueError(f"step {step} is before the last update's step {self.last_step}")
+    if self.method == "dense":
+      fwd: Density = 1.0
+    else:
+      fwd = forward_density
+    wg = weight_grad_density(
+      self.method, forward_density, alpha=alpha, backward_sparsity=self.backward_sparsity
+    )
+    self.cost += n * _step_macs(self.dense_macs, fwd, wg)
+    self.steps += n
+    self.last_step = int(step)
+    return self.ratio
+
+  def update_from_record(self, record: Mapping[str, Any]) -> float:
+    """:meth:`update` from a logged record (``step``, ``sparsity/<path>``, ``alpha``)."""
+    alpha = record.get("alpha")
+    return self.update(int(record["step"]), densities_from_record(record), alpha)
+
+  def replay(self, records: Iterable[Mapping[str, Any]], up_to_step: int | None = None) -> None:
+    """:meth:`update_from_record` for each logged training record (one with
+    ``sparsity/total``) at a step ``<= up_to_step``, in order."""
+    for r in records:
+      if "sparsity/total" not in r or (up_to_step is not None and r["step"] > up_to_step):
+        continue
+      self.update_from_record(r)
+
+  @property
+  def ratio(self) -> float:
+    dense_step = 3.0 * sum(self.dense_macs.values())
+    if not self.steps or not dense_step:
+      return float("nan")
+    return self.cost / (self.steps * dense_step)

@@ -13,7 +13,8 @@ a run resumed from a checkpoint continues exactly as the uninterrupted run would
 on the same hardware and device count).
 
 Workdir layout: ``checkpoints/<step>/``, ``config.json``, ``metrics.jsonl``, TensorBoard
-``events.out.tfevents.*``, ``parameter_overview.txt``, ``summary.json``, ``summary.txt``.
+``events.out.tfevents.*``, ``parameter_overview.txt``, ``summary.json``, ``summary.txt``,
+``sparsity_per_layer.png``, ``training_curves.png``.
 """
 
 from __future__ import annotations
@@ -471,6 +472,7 @@ def train_and_evaluate(
     eval_metrics=outcome.eval_metrics,
     train_metrics=outcome.last_train,
     wall_time=time.time() - started,
+    training_cost_ratio=outcome.training_ratio,
   )
   result = {
     **outcome.eval_metrics,
@@ -481,9 +483,15 @@ def train_and_evaluate(
   result.pop("epoch", None)
   if "inference_macs" in summary:
     result["inference_macs/ratio"] = summary["inference_macs"]["ratio"]
+  if "training_cost" in summary:
+    result["training_cost/ratio"] = summary["training_cost"]["ratio"]
   if jax.process_index() == 0:
     text = report.write_summary(workdir, summary)
     logging.info("summary (%s):\n%s", workdir / report.SUMMARY_TXT, text)
+    try:
+      report.write_plots(workdir, summary, logs.read_jsonl(workdir / logs.METRICS_FILE))
+    except Exception as e:  # noqa: BLE001 -- the plots are a report, not the training
+      logging.warning("could not write the plots: %s", e)
   return result
 
 
@@ -495,6 +503,7 @@ class _LoopOutcome(NamedTuple):
   eval_metrics: dict[str, float] = {}
   state_summary: dict[str, float] = {}
   nonzero: dict[str, int] = {}
+  training_ratio: float | None = None
 
 
 def _train_loop(
@@ -555,6 +564,7 @@ def _train_loop(
     start_step,
   )
   progress = logs.Progress(total)
+  cost_meter = _training_cost_meter(exp, workdir, start_step)
   window: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}
@@ -574,6 +584,7 @@ def _train_loop(
           scalars = _mean_train_metrics(window)
           window = []
           scalars.update({k: float(v) for k, v in jax.device_get(fns.summary(state)).items()})
+          scalars.update(_flop_scalars(exp, cost_meter, step, scalars))
           timing = progress.update(step)
           writer.write_scalars(step, {**scalars, **timing})
           if is_main:
@@ -601,15 +612,60 @@ def _train_loop(
   finally:
     train_iter.close()
     writer.close()
-  return _LoopOutcome(True, last, eval_metrics, final_summary, nonzero)
+  training_ratio = cost_meter.ratio if cost_meter is not None and cost_meter.steps else None
+  return _LoopOutcome(True, last, eval_metrics, final_summary, nonzero, training_ratio)
+
+
+def backward_sparsity(config: ml_collections.ConfigDict) -> float | None:
+  """TopKAST's backward sparsity (default: its forward sparsity); None for other methods."""
+  if config.method not in ("topkast", "topkast_ga"):
+    return None
+  block = config.sparsity[config.method]
+  value = block.backward_sparsity
+  return float(block.forward_sparsity if value is None else value)
+
+
+def _training_cost_meter(exp: Experiment, workdir: Path, start_step: int):
+  """The run's :class:`~autosparse_jax.flops.RunningTrainingCost` (None without MAC counts);
+  a resumed run replays the logged records up to ``start_step``."""
+  from autosparse_jax import flops
+
+  if not exp.dense_macs:
+    return None
+  meter = flops.RunningTrainingCost(
+    exp.dense_macs, exp.config.method, backward_sparsity(exp.config)
+  )
+  metrics = workdir / logs.METRICS_FILE
+  if start_step and metrics.exists():
+    meter.replay(logs.read_jsonl(metrics), up_to_step=start_step)
+  return meter
+
+
+def _flop_scalars(exp: Experiment, meter, step: int, scalars: dict[str, float]) -> dict:
+  """``flops/inference_ratio`` and ``flops/training_ratio`` from the logged ``sparsity/<path>``
+  (and ``alpha``) of this log step; nothing without MAC counts."""
+  from autosparse_jax import flops
+
+  if meter is None:
+    return {}
+  density = flops.densities_from_record(scalars)
+  return {
+    "flops/inference_ratio": flops.inference_ratio_from_density(exp.dense_macs, density),
+    "flops/training_ratio": meter.update(step, density, scalars.get("alpha")),
+  }
 
 
 def load_checkpoint(
-  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  step: int | None = None,
+  *,
+  experiment: Experiment | None = None,
 ) -> TrainState:
   """The train state saved in ``workdir`` at ``step`` (default: the latest), on this job's
-  devices with the shardings ``config`` asks for (for notebooks, export and tests)."""
-  exp = build_experiment(config)
+  devices with the shardings ``config`` asks for (for notebooks, export and tests).
+  ``experiment``: :func:`build_experiment` of ``config`` if already built."""
+  exp = build_experiment(config) if experiment is None else experiment
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
     step = ckpt.latest_step() if step is None else step
