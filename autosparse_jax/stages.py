@@ -299,9 +299,8 @@ def magnitude_mask(
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ms = treedef.flatten_up_to(state.masks)
     idx = [i for i, f in enumerate(flags) if f]
-    survivors = [jnp.where(ms[i], leaves[i], 0) for i in idx]
-
-    def prune(old):
+    def prune(old):  # only on mask-update steps: the surviving weights' top-k
+      survivors = [jnp.where(m, leaves[i], 0) for m, i in zip(old, idx, strict=True)]
       target = sparsity(step)
       ks = [topk.keep_count(w.size, target) for w in survivors]
       return [topk.mask(w, c) for w, c in zip(survivors, topk.cutoffs(survivors, ks), strict=True)]
