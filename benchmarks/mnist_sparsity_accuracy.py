@@ -1,0 +1,275 @@
+"""Sparsity-accuracy on MNIST: LeNet-300-100 and LeNet-5, dense and every method at 90/95/98%.
+
+Every method runs in the same framework, with the same model, data order, optimizer and
+schedule; only ``method`` differs:
+
+* ``gmp``: GradualMagnitude to the target on the ramp below;
+* ``str`` and ``autosparse``: learned thresholds steered to the target by the sparsity
+  controller (``target_sparsity``) on the same ramp; AutoSparse anneals alpha with the paper's
+  sigmoid-cosine decay (alpha0 = 0.5, zero from 90% of training);
+* ``topkast`` and ``topkast_ga``: fixed per-layer budget from step 0, backward density twice the
+  forward density (TopKAST's 90/80 setting), GA with the same alpha schedule.
+
+Sparsity is measured from the actual zeros of the final params over all kernels. Han et al.
+(2015), the reference point: LeNet-300-100 at 8% of weights kept (92% sparse) 1.59% error,
+LeNet-5 at 8% kept 0.77% error; dense 1.64% / 0.80%.
+
+Usage:
+  python benchmarks/mnist_sparsity_accuracy.py --models lenet_300_100 --seeds 0 1 2
+  python benchmarks/mnist_sparsity_accuracy.py --smoke          # seconds, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import autosparse_jax as autosparse
+from autosparse_jax.models import get_model
+
+METHODS = ("gmp", "str", "autosparse", "topkast", "topkast_ga")
+SPARSITIES = (0.90, 0.95, 0.98)
+HAN_2015_ERROR = {"lenet_300_100": (1.64, 1.59), "lenet5": (0.80, 0.77)}  # dense, 92% sparse
+
+
+def load_mnist(path: Path | None, smoke: bool):
+  if smoke and (path is None or not path.exists()):
+    rng = np.random.default_rng(0)  # synthetic stand-in: a linear rule over random images
+    x = rng.random((1200, 28, 28, 1), np.float32)
+    w = rng.normal(size=(784, 10))
+    y = (x.reshape(len(x), -1) @ w).argmax(-1).astype(np.int32)
+    return x[:1000], y[:1000], x[1000:], y[1000:]
+  if path is None or not path.exists():
+    sys.exit(f"MNIST npz not found at {path}: pass --mnist PATH (format of shared/data/mnist.npz)")
+  d = np.load(path)
+  prep = lambda a: (a.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)  # noqa: E731
+  return prep(d["x_train"]), d["y_train"].astype(np.int32), prep(d["x_test"]), d["y_test"]
+
+
+def make_method(name: str, sparsity: float, steps: int):
+  ramp = autosparse.ramp(steps // 20, int(steps * 0.6))
+  alpha = autosparse.sigmoid_cosine_decay(0.5, steps, zero_at=int(steps * 0.9))
+  backward = 1.0 - 2.0 * (1.0 - sparsity)
+  if name == "dense":
+    return autosparse.Dense()
+  if name == "gmp":
+    return autosparse.GradualMagnitude(
+      sparsity, begin_step=steps // 20, end_step=int(steps * 0.6), frequency=max(steps // 100, 1)
+    )
+  if name == "str":
+    return autosparse.STR(target_sparsity=sparsity, target_ramp=ramp)
+  if name == "autosparse":
+    return autosparse.AutoSparse(alpha=alpha, target_sparsity=sparsity, target_ramp=ramp)
+  if name == "topkast":
+    return autosparse.TopKAST(sparsity, backward)
+  if name == "topkast_ga":
+    return autosparse.TopKAST(sparsity, backward, alpha=alpha)
+  raise ValueError(f"method: unknown {name!r}")
+
+
+def run(model_name, method_name, sparsity, seed, data, epochs, batch_size):
+  xtr, ytr, xte, yte = data
+  model = get_model(model_name, 10, batch_norm=False)
+  steps_per_epoch = len(xtr) // batch_size
+  steps = epochs * steps_per_epoch
+  params = model.init(jax.random.key(seed), xtr[:1])["params"]
+  lr = optax.cosine_decay_schedule(0.05, steps)
+  decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+  base = optax.chain(optax.add_decayed_weights(5e-4, mask=decay_mask), optax.sgd(lr, 0.9))
+  tx = autosparse.optax_chain(base, make_method(method_name, sparsity, steps))
+  state = tx.init(params)
+  xtr_d, ytr_d = jnp.asarray(xtr), jnp.asarray(ytr)
+
+  def loss_fn(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def epoch(params, state, perm):
+    def step(carry, idx):
+      params, state = carry
+      grads = jax.grad(loss_fn)(params, xtr_d[idx], ytr_d[idx])
+      updates, state = tx.update(grads, state, params)
+      return (optax.apply_updates(params, updates), state), None
+
+    batches = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+    (params, state), _ = jax.lax.scan(step, (params, state), batches)
+    return params, state
+
+  rng = np.random.default_rng(seed)
+  start = time.perf_counter()
+  for _ in range(epochs):
+    params, state = epoch(params, state, jnp.asarray(rng.permutation(len(xtr))))
+  predict = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
+  correct = sum(
+    int(np.sum(np.asarray(predict(params, xte[i : i + 1000])) == yte[i : i + 1000]))
+    for i in range(0, len(xte), 1000)
+  )
+  return {
+    "model": model_name,
+    "method": method_name,
+    "target": sparsity,
+    "seed": seed,
+    "error": 100.0 * (1 - correct / len(xte)),
+    "sparsity": float(autosparse.sparsity(params).total),
+    "layers": {k: float(v) for k, v in autosparse.sparsity(params).layers.items()},
+    "steps": steps,
+    "seconds": time.perf_counter() - start,
+  }
+
+
+def aggregate(rows):
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+  table = []
+  for (model, method, target), rs in groups.items():
+    err = np.array([r["error"] for r in rs])
+    sp = np.array([r["sparsity"] for r in rs])
+    table.append(
+      {
+        "model": model,
+        "method": method,
+        "target": target,
+        "seeds": len(rs),
+        "error_mean": float(err.mean()),
+        "error_std": float(err.std(ddof=1)) if len(rs) > 1 else 0.0,
+        "sparsity_mean": float(sp.mean()),
+        "off_target": float(np.abs(sp - target).max()) if target else 0.0,
+      }
+    )
+  return table
+
+
+def markdown(table, meta):
+  lines = [
+    f"Command: `{meta['command']}`  ",
+    f"Machine: {meta['machine']}; jax {meta['jax']} ({meta['backend']}); {meta['date']}",
+    "",
+    "| model | method | target | seeds | test error % (mean ± std) | sparsity | max off-target |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for t in sorted(table, key=lambda t: (t["model"], t["target"], t["method"])):
+    lines.append(
+      f"| {t['model']} | {t['method']} | {t['target']:.2f} | {t['seeds']} | "
+      f"{t['error_mean']:.2f} ± {t['error_std']:.2f} | {t['sparsity_mean']:.4f} | "
+      f"{t['off_target']:.4f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def plot(table, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  models = sorted({t["model"] for t in table})
+  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+  for ax, model in zip(axes[0], models, strict=True):
+    rows = [t for t in table if t["model"] == model]
+    for method in ("dense", *METHODS):
+      pts = sorted(
+        (t["sparsity_mean"], t["error_mean"], t["error_std"]) for t in rows if t["method"] == method
+      )
+      if pts:
+        s, e, d = zip(*pts, strict=True)
+        ax.errorbar(s, e, yerr=d, marker="o", capsize=3, label=method)
+    if model in HAN_2015_ERROR:
+      ax.plot([0.92], [HAN_2015_ERROR[model][1]], "k*", markersize=12, label="Han et al. 2015")
+    ax.set(
+      title=f"MNIST {model}", xlabel="sparsity (fraction of zero weights)", ylabel="test error %"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main():
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
+  default_npz = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+  parser.add_argument(
+    "--mnist", type=Path, default=Path(os.environ.get("AUTOSPARSE_MNIST_NPZ", default_npz))
+  )
+  parser.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5"])
+  parser.add_argument("--methods", nargs="+", default=list(METHODS))
+  parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+  parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  parser.add_argument("--epochs", type=int, default=20)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument(
+    "--smoke", action="store_true", help="2 tiny runs on synthetic data if needed"
+  )
+  parser.add_argument(
+    "--out", type=Path, default=Path("benchmarks/results/mnist_sparsity_accuracy.json")
+  )
+  args = parser.parse_args()
+  if args.smoke:
+    args.models, args.methods, args.sparsities, args.seeds = (
+      ["lenet_300_100"],
+      ["autosparse"],
+      [0.9],
+      [0],
+    )
+    args.epochs = 1
+  data = load_mnist(args.mnist, args.smoke)
+  if args.smoke:
+    data = tuple(a[:1000] for a in data[:2]) + tuple(a[:500] for a in data[2:])
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  # Finished runs are appended here as they end, so an interrupted sweep resumes where it stopped.
+  partial = args.out.with_suffix(".runs.jsonl")
+  rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+  done = {(r["model"], r["method"], r["target"], r["seed"]) for r in rows}
+  jobs = [(m, "dense", 0.0, s) for m in args.models for s in args.seeds]
+  jobs += [
+    (m, meth, sp, s)
+    for m in args.models
+    for sp in args.sparsities
+    for meth in args.methods
+    for s in args.seeds
+  ]
+  for i, (model, method, target, seed) in enumerate(jobs, 1):
+    if (model, method, target, seed) in done:
+      continue
+    r = run(model, method, target, seed, data, args.epochs, args.batch_size)
+    rows.append(r)
+    with partial.open("a") as f:
+      f.write(json.dumps(r) + "\n")
+    print(
+      f"[{i}/{len(jobs)}] {model} {method} target={target:.2f} seed={seed}: "
+      f"error {r['error']:.2f}% sparsity {r['sparsity']:.4f} ({r['seconds']:.0f}s)",
+      flush=True,
+    )
+  table = aggregate(rows)
+  meta = {
+    "command": "python " + " ".join(sys.argv),
+    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "date": datetime.date.today().isoformat(),
+    "epochs": args.epochs,
+    "batch_size": args.batch_size,
+  }
+  args.out.write_text(json.dumps({"meta": meta, "table": table, "runs": rows}, indent=1))
+  partial.unlink()
+  args.out.with_suffix(".md").write_text(markdown(table, meta))
+  plot(table, args.out.with_suffix(".png"))
+  print(markdown(table, meta))
+
+
+if __name__ == "__main__":
+  main()
