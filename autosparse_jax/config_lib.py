@@ -151,6 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fsdp_min_size = 1024  # FSDP: params with fewer elements stay replicated
   c.num_devices = config_dict.placeholder(int)  # None: every device (must be, multi-process)
 
+  # A NaN/Inf loss or gradient skips the step (counted in train/nonfinite_skipped); this many
+  # in a row, seen at a log step, stop the run with an error.
+  c.max_consecutive_nonfinite = 10
+
   # Logging and checkpoints.
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
@@ -233,6 +237,7 @@ def validate(
   for field in ("global_batch_size", "eval_batch_size", "log_every_steps", "keep_checkpoints"):
     _check_number(config, field, low=1, integer=True)
   _check_number(config, "checkpoint_every_steps", low=1, integer=True)
+  _check_number(config, "max_consecutive_nonfinite", low=1, integer=True)
   _check_number(config, "seed", low=0, integer=True)
   _check_number(config, "num_train_steps", integer=True)
   _check_number(config, "num_eval_steps", integer=True)

@@ -48,12 +48,17 @@ class TrainState(NamedTuple):
     params: the model's params, the sparse effective weights.
     batch_stats: batch-norm running statistics (``{}`` for models without batch norm).
     opt_state: the optimizer state (latent weights, thresholds, momenta, ...).
+    nonfinite_in_a_row: int32, steps skipped in a row because the loss or a gradient was
+      NaN/Inf (reset by a finite step).
+    nonfinite_total: int32, all steps skipped so far.
   """
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  nonfinite_in_a_row: jax.Array
+  nonfinite_total: jax.Array
 
 
 def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
@@ -71,6 +76,8 @@ def create_train_state(
     params=params,
     batch_stats=variables.get("batch_stats", {}),
     opt_state=tx.init(params),
+    nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+    nonfinite_total=jnp.zeros((), jnp.int32),
   )
 
 
@@ -118,11 +125,20 @@ def train_step(
   (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # A NaN/Inf loss or gradient skips the step: params, batch statistics and the optimizer
+  # state (latent weights, thresholds) stay as they were; the data moves on.
+  finite = jnp.isfinite(loss) & jnp.all(
+    jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+  )
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  skipped = (~finite).astype(jnp.int32)
   new_state = TrainState(
     step=state.step + 1,
-    params=params,
-    batch_stats=new_model_state.get("batch_stats", state.batch_stats),
-    opt_state=opt_state,
+    params=keep(params, state.params),
+    batch_stats=keep(new_model_state.get("batch_stats", state.batch_stats), state.batch_stats),
+    opt_state=keep(opt_state, state.opt_state),
+    nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+    nonfinite_total=state.nonfinite_total + skipped,
   )
   metrics = {
     "train/loss": loss,
@@ -231,6 +247,8 @@ def state_shardings(
     params=params,
     batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
     opt_state=sharding.optimizer_state_shardings(tx, abstract_state.opt_state, params, mesh),
+    nonfinite_in_a_row=rep,
+    nonfinite_total=rep,
   )
 
 
@@ -585,6 +603,17 @@ def _train_loop(
           window = []
           scalars.update({k: float(v) for k, v in jax.device_get(fns.summary(state)).items()})
           scalars.update(_flop_scalars(exp, cost_meter, step, scalars))
+          in_a_row, total_skipped = jax.device_get(
+            (state.nonfinite_in_a_row, state.nonfinite_total)
+          )
+          scalars["train/nonfinite_skipped"] = float(total_skipped)
+          if in_a_row >= config.max_consecutive_nonfinite:
+            raise FloatingPointError(
+              f"step {step}: the loss or a gradient was NaN/Inf for {int(in_a_row)} steps in a "
+              f"row (config.max_consecutive_nonfinite = {config.max_consecutive_nonfinite}); "
+              f"those steps were skipped, so the params and the last checkpoint are finite. "
+              "Lower the learning rate, check the data, or raise the limit."
+            )
           timing = progress.update(step)
           writer.write_scalars(step, {**scalars, **timing})
           if is_main:
