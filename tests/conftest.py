@@ -58,3 +58,21 @@ def mlp_loss(params, x, y):
 def batch():
   kx, ky = jax.random.split(jax.random.key(42))
   return jax.random.normal(kx, (8, 6)), jax.random.normal(ky, (8, 4))
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for one test module: runs that compile identical functions
+  (e.g. a resume test's runs) compile once."""
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,26 +17,11 @@ pytest.importorskip("orbax.checkpoint")
 
 from autosparse_jax import flops, logs, report, train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("fc1/kernel", "fc2/kernel", "head/kernel")
 DENSE_MACS = np.array([64 * 300, 300 * 100, 100 * 10], np.float64)  # one example
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """As in test_train.py: a persistent compilation cache for this module's runs."""
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
 
 
 def digits_config(num_train_steps: int):

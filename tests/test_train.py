@@ -28,6 +28,8 @@ pytest.importorskip("orbax.checkpoint")
 
 from autosparse_jax import config_lib, logs, optim, report, train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def load_config(name: str, variant: str | None = None):
   """``configs/<name>.py`` -> get_config(variant), as ``--config=configs/<name>.py:variant``."""
@@ -35,23 +37,6 @@ def load_config(name: str, variant: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant) if variant else module.get_config()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Runs that compile identical functions (the resume test's three runs) compile once."""
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
 
 
 def digits_config(**overrides):
