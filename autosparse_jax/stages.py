@@ -299,6 +299,7 @@ def magnitude_mask(
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ms = treedef.flatten_up_to(state.masks)
     idx = [i for i, f in enumerate(flags) if f]
+
     def prune(old):  # only on mask-update steps: the surviving weights' top-k
       survivors = [jnp.where(m, leaves[i], 0) for m, i in zip(old, idx, strict=True)]
       target = sparsity(step)
