@@ -131,7 +131,8 @@ def threshold_mask() -> MaskStage:
     masks, kept, masked = [], [], []
     for g, w, s in zip(gs, ws, ss, strict=True):
       if s is None:
-        masks.append(None), kept.append(None), masked.append(None)
+        for out in (masks, kept, masked):
+          out.append(None)
         continue
       tau = jax.nn.sigmoid(s)
       m = jnp.abs(w) > tau.astype(w.dtype)
