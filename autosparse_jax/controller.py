@@ -107,8 +107,9 @@ def sparsity_controller(
 
   def init(params):
     del params
-    zero = jnp.zeros((), jnp.float32)
-    return ControllerState(jnp.zeros((), jnp.int32), zero, zero, zero, zero)
+    # One buffer per field: a state whose leaves share a buffer cannot be donated to jit.
+    zeros = (jnp.zeros((), jnp.float32) for _ in range(4))
+    return ControllerState(jnp.zeros((), jnp.int32), *zeros)
 
   def measure(threshold_updates, params):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -219,7 +219,9 @@ def topk_mask(
     sets = []
     for _ in sparsities:
       sets.append(treedef.unflatten([next(found) if f else None for f in flags]))
-    return TopKState(sets[0], sets[-1])
+    if len(sets) == 1:  # B = A, held as a copy: state leaves sharing a buffer cannot be donated
+      sets.append(jax.tree.map(jnp.copy, sets[0]))
+    return TopKState(*sets)
 
   def masks(leaves, cuts):
     return [None if c is None else topk.mask(w, c) for w, c in zip(leaves, cuts, strict=True)]

@@ -1,5 +1,6 @@
 """The chain as an optax citizen: composition, pytrees, leaf selection, dtypes, bad input."""
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -69,6 +70,34 @@ def test_jit_and_eager_agree(batch):
   p_eager, _ = train(tx, mlp_params(jax.random.key(2)), x, y, jit=False)
   for a, b in zip(jax.tree.leaves(p_jit), jax.tree.leaves(p_eager), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "method",
+  [
+    METHOD,
+    autosparse.AutoSparse(alpha=0.5, target_sparsity=0.5, target_ramp=autosparse.ramp(0, 2)),
+    autosparse.TopKAST(0.5),
+    autosparse.GradualMagnitude(0.5, 1, 2, 1),
+    autosparse.Dense(),
+  ],
+  ids=["autosparse", "autosparse_target", "topkast", "gmp", "dense"],
+)
+def test_params_and_state_can_be_donated_from_eager_init(batch, method):
+  # jit(step, donate_argnums=...) refuses a tree in which two leaves share one buffer.
+  x, y = batch
+  params = mlp_params(jax.random.key(3))
+  tx = autosparse.optax_chain(optax.sgd(0.1), method)
+  state = tx.init(params)
+  pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves((params, state))]
+  assert len(pointers) == len(set(pointers))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s):
+    updates, s = tx.update(jax.grad(mlp_loss)(p, x, y), s, p)
+    return optax.apply_updates(p, updates), s
+
+  step(*step(params, state))  # and a state made by the jitted update
 
 
 def test_inside_optax_chain_and_multisteps(batch):
