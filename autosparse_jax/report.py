@@ -98,7 +98,8 @@ def build_summary(
     nonzero: every param's nonzero count, by path (:func:`nonzero_counts`).
     summary: ``autosparse.summary`` at the end (for tau and alpha).
     eval_metrics, train_metrics: the last ``eval/*`` and ``train/*`` scalars.
-    wall_time: seconds the run took.
+    wall_time: seconds the run took (of a resumed run: all its parts, each up to the checkpoint
+      the next one resumed from).
     dense_macs: dense multiply-accumulates per example by kernel path (``flops.count_macs``);
       adds ``macs`` and ``sparse_macs`` per layer and the ``inference_macs`` totals.
     training_cost_ratio: the run's training MACs relative to dense training, if known.

@@ -125,10 +125,10 @@ def train_step(
   (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # A NaN/Inf loss or gradient skips the step: params, batch statistics and the optimizer
-  # state (latent weights, thresholds) stay as they were; the data moves on.
+  # A NaN/Inf loss, gradient or update skips the step: params, batch statistics and the
+  # optimizer state (latent weights, thresholds) stay as they were; the data moves on.
   finite = jnp.isfinite(loss) & jnp.all(
-    jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, updates))])
   )
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   skipped = (~finite).astype(jnp.int32)
@@ -469,7 +469,9 @@ def train_and_evaluate(
     )
   exp = build_experiment(config)
   workdir = Path(workdir)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+    workdir, config.checkpoint_every_steps, config.keep_checkpoints, handle_sigterm=True
+  )
   try:
     outcome = _train_loop(exp, workdir, ckpt, stop_at_step)
   finally:
@@ -489,7 +491,7 @@ def train_and_evaluate(
     summary=outcome.state_summary,
     eval_metrics=outcome.eval_metrics,
     train_metrics=outcome.last_train,
-    wall_time=time.time() - started,
+    wall_time=time.time() - started + outcome.earlier_seconds,
     training_cost_ratio=outcome.training_ratio,
   )
   result = {
@@ -518,6 +520,7 @@ class _LoopOutcome(NamedTuple):
 
   finished: bool
   last_train: dict[str, float]
+  earlier_seconds: float = 0.0  # wall time of the runs before a resume, up to their checkpoint
   eval_metrics: dict[str, float] = {}
   state_summary: dict[str, float] = {}
   nonzero: dict[str, int] = {}
@@ -530,9 +533,11 @@ def _train_loop(
   """Restores or initialises the state, trains to the end (or ``stop_at_step``, or a
   preemption), evaluates, and measures the final sparsity."""
   config = exp.config
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _check_resumable(ckpt.restore_meta(latest).get("run", {}), config, workdir)
+  target = sharding.with_shardings(exp.abstract_state, exp.state_shardings)
+  with jax.set_mesh(exp.mesh):
+    restored = ckpt.restore_newest(
+      target, lambda meta: _check_resumable(meta.get("run", {}), config, workdir)
+    )
 
   is_main = jax.process_index() == 0
   logging.info(
@@ -545,17 +550,18 @@ def _train_loop(
   )
   logging.info("train: %s; eval: %s", exp.train_ds, exp.eval_ds)
   fns = _compile_functions(exp)
-  target = sharding.with_shardings(exp.abstract_state, exp.state_shardings)
-  with jax.set_mesh(exp.mesh):
-    if latest is not None:
-      logging.info("resuming from %s/%d", ckpt.directory, latest)
-      state, meta = ckpt.restore(latest, target)
-      start_step = int(meta["data_step"])
-    else:
+  if restored is not None:
+    state, meta = restored
+    start_step = int(meta["data_step"])
+    earlier = float(meta.get("wall_time_seconds", 0.0))
+    logging.info("resuming from %s/%d", ckpt.directory, start_step)
+    if int(state.step) != start_step:
+      raise ValueError(f"checkpoint {start_step}: state step {int(state.step)} != data step")
+  else:
+    with jax.set_mesh(exp.mesh):
       state = fns.init(jax.random.key(config.seed))
-      start_step = 0
-  if int(state.step) != start_step:
-    raise ValueError(f"checkpoint {latest}: state step {int(state.step)} != data step {start_step}")
+    start_step, earlier = 0, 0.0
+  started = time.time()
 
   writer = logs.create_writers(
     workdir,
@@ -571,6 +577,12 @@ def _train_loop(
   writer.write_hparams(_flat_config(config))
 
   meta_run = config_lib.run_identity(config)
+
+  def meta_at(step: int) -> dict[str, Any]:
+    """A checkpoint's metadata: the data position, the run's identity, the time spent."""
+    seconds = earlier + time.time() - started
+    return {"step": step, "data_step": step, "run": meta_run, "wall_time_seconds": seconds}
+
   total = exp.total_steps
   logging.info(
     "training %s %s on %s for %d steps (%d per epoch), from step %d",
@@ -607,6 +619,11 @@ def _train_loop(
             (state.nonfinite_in_a_row, state.nonfinite_total)
           )
           scalars["train/nonfinite_skipped"] = float(total_skipped)
+          timing = progress.update(step)
+          writer.write_scalars(step, {**scalars, **timing})
+          if is_main:
+            logging.info("%s", progress.line(step, timing))
+          last = scalars
           if in_a_row >= config.max_consecutive_nonfinite:
             raise FloatingPointError(
               f"step {step}: the loss or a gradient was NaN/Inf for {int(in_a_row)} steps in a "
@@ -614,26 +631,26 @@ def _train_loop(
               f"those steps were skipped, so the params and the last checkpoint are finite. "
               "Lower the learning rate, check the data, or raise the limit."
             )
-          timing = progress.update(step)
-          writer.write_scalars(step, {**scalars, **timing})
-          if is_main:
-            logging.info("%s", progress.line(step, timing))
-          last = scalars
         if step % exp.eval_every_steps == 0 or step == total:
           eval_metrics = evaluate(fns.eval, state, exp.eval_ds, exp.mesh, config.num_eval_steps)
           eval_metrics["epoch"] = step / exp.steps_per_epoch
           writer.write_scalars(step, eval_metrics)
           eval_step_done = step
-        ckpt.save(step, state, {"step": step, "data_step": step, "run": meta_run})
-        if ckpt.reached_preemption(step):
-          logging.warning("preemption at step %d: checkpoint saved, stopping", step)
-          return _LoopOutcome(False, last)
+        meta = meta_at(step)
+        if ckpt.save(step, state, meta):
+          writer.flush()  # the records up to a checkpoint survive a kill
+        if ckpt.preempted(step):
+          ckpt.save(step, state, meta, force=True)
+          writer.flush()
+          logging.warning(
+            "preempted at step %d: checkpoint saved, stopping; the same command resumes", step
+          )
+          return _LoopOutcome(False, last, earlier)
         if stop_at_step is not None and step >= stop_at_step:
-          return _LoopOutcome(False, last)
+          return _LoopOutcome(False, last, earlier)
       writer.flush()
 
-      if ckpt.latest_step() != total:
-        ckpt.save(total, state, {"step": total, "data_step": total, "run": meta_run}, force=True)
+      ckpt.save(total, state, meta_at(total), force=True)
       if eval_step_done != total:
         eval_metrics = evaluate(fns.eval, state, exp.eval_ds, exp.mesh, config.num_eval_steps)
       final_summary = {k: float(v) for k, v in jax.device_get(fns.summary(state)).items()}
@@ -642,7 +659,7 @@ def _train_loop(
     train_iter.close()
     writer.close()
   training_ratio = cost_meter.ratio if cost_meter is not None and cost_meter.steps else None
-  return _LoopOutcome(True, last, eval_metrics, final_summary, nonzero, training_ratio)
+  return _LoopOutcome(True, last, earlier, eval_metrics, final_summary, nonzero, training_ratio)
 
 
 def backward_sparsity(config: ml_collections.ConfigDict) -> float | None:

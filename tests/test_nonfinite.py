@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import autosparse_jax as autosparse
-from autosparse_jax import config_lib, train
+from autosparse_jax import checkpoint, config_lib, logs, sharding, train
 from autosparse_jax.models import get_model
 
 
@@ -56,3 +56,28 @@ def test_max_consecutive_nonfinite_is_validated():
   config.max_consecutive_nonfinite = 0
   with pytest.raises(ValueError, match="max_consecutive_nonfinite"):
     config_lib.validate(config, device_count=1)
+
+
+def test_run_of_nonfinite_steps_stops_with_a_clear_error_and_finite_checkpoints(tmp_path):
+  # A learning rate of 1e30 blows the first update up; every later loss is NaN/Inf.
+  from fault_run import config as digits_config
+
+  config = digits_config(learning_rate=1e30, warmup_epochs=0.0, max_consecutive_nonfinite=3)
+  config.num_train_steps = 30
+  with pytest.raises(FloatingPointError, match="config.max_consecutive_nonfinite = 3"):
+    train.train_and_evaluate(config, str(tmp_path))
+  records = [r for r in logs.read_jsonl(tmp_path / logs.METRICS_FILE) if "train/loss" in r]
+  skipped = [r["train/nonfinite_skipped"] for r in records]
+  assert skipped[-1] >= 3 and skipped == sorted(skipped)  # counted and logged every log step
+  assert records[-1]["step"] < 30
+  # Every checkpoint holds finite values only (the skipped steps changed nothing).
+  ckpt = checkpoint.Checkpointer(tmp_path, 1, 10)
+  exp = train.build_experiment(config)
+  target = sharding.with_shardings(exp.abstract_state, exp.state_shardings)
+  steps = ckpt.manager.all_steps()
+  assert steps
+  for step in steps:
+    state, _ = ckpt.restore(step, target)
+    for leaf in jax.tree.leaves(state):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64))), step
+  ckpt.close()

@@ -1,0 +1,234 @@
+"""Faults performed for real: SIGKILL and SIGTERM at several points of a training run (a save in
+flight and a save about to commit among them), unreadable checkpoints, and a 2-process
+``jax.distributed`` run. Each run is ``tests/fault_run.py`` in its own process; the runs share
+a persistent compilation cache, so only the first one compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fault_run import config
+
+from autosparse_jax import checkpoint, logs, report, train
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "fault_run.py"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "JAX_COMPILATION_CACHE_DIR": str(cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_PLATFORMS": "cpu",
+  }
+
+
+def launch(workdir: Path, env, *args: str, processes: int = 1) -> list[subprocess.Popen]:
+  port = []
+  if processes > 1:
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = ["--port", str(s.getsockname()[1]), "--processes", str(processes)]
+  return [
+    subprocess.Popen(
+      [sys.executable, str(SCRIPT), str(workdir), *args, *port, "--process-id", str(i)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(processes)
+  ]
+
+
+def run(workdir: Path, env, *args: str, rc: int = 0, processes: int = 1) -> list[str]:
+  """Runs the digits job (``processes`` of it) to the end or its fault; returns the logs."""
+  procs = launch(workdir, env, *args, processes=processes)
+  outputs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == rc, f"{args}: exit {p.returncode}, expected {rc}\n{err[-3000:]}"
+    outputs.append(out + err)
+  return outputs
+
+
+def result_of(output: str) -> dict:
+  (line,) = [line for line in output.splitlines() if line.startswith("RESULT ")]
+  return json.loads(line.removeprefix("RESULT "))
+
+
+def resumed_from(output: str) -> int | None:
+  found = re.findall(r"resuming from \S+/(\d+)", output)
+  return int(found[-1]) if found else None
+
+
+def committed(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def strip_timing(records):
+  return [{k: v for k, v in r.items() if k not in logs.TIMING_KEYS} for r in records]
+
+
+def final_state(workdir: Path):
+  return train.load_checkpoint(config(), str(workdir))
+
+
+def assert_same_run(workdir: Path, reference: Path, exact: bool = True):
+  """Same final checkpoint (every leaf of the train state), metrics and summary."""
+  a, b = final_state(workdir), final_state(reference)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  leaves = zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True)
+  for (path, x), y in leaves:
+    x, y = np.asarray(x), np.asarray(y)
+    if exact:
+      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  ours = strip_timing(logs.read_jsonl(workdir / logs.METRICS_FILE))
+  theirs = strip_timing(logs.read_jsonl(reference / logs.METRICS_FILE))
+  assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+  if exact:
+    assert ours == theirs
+  else:
+    for r, s in zip(ours, theirs, strict=True):
+      assert r.keys() == s.keys()
+      for k in r:
+        assert r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-4), (r["step"], k)
+  summaries = [json.loads((d / report.SUMMARY_JSON).read_text()) for d in (workdir, reference)]
+  for s in summaries:
+    s.pop("wall_time_seconds")
+    s["experiment"].pop("processes"), s["experiment"].pop("devices")
+  if exact:
+    assert summaries[0] == summaries[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+  workdir = tmp_path_factory.mktemp("reference")
+  (output,) = run(workdir, env)
+  assert committed(workdir) == [6, 9, 12]
+  return workdir, result_of(output)
+
+
+# ---------------------------------------------------------------------------------------------
+# preemption
+
+
+def test_killed_anywhere_resumes_bitwise_identical(reference, env, tmp_path):
+  ref_dir, ref_result = reference
+  workdir = tmp_path / "run"
+  # Killed before anything was saved, then while step 3 was being committed (its files all
+  # written), then with the save of step 6 in flight, then between checkpoints.
+  run(workdir, env, "--kill-before-save", "2", rc=-9)
+  run(workdir, env, "--kill-at-commit", "3", rc=-9)
+  assert 3 not in committed(workdir)
+  assert any(p.name.startswith("3.") for p in (workdir / "checkpoints").iterdir())  # the torso
+  run(workdir, env, "--kill-during-save", "6", rc=-9)
+  run(workdir, env, "--kill-before-save", "8", rc=-9)
+  # SIGTERM: the run saves the step it is at and exits cleanly.
+  (output,) = run(workdir, env, "--sigterm-after", "10")
+  assert "preempted at step 10" in output
+  assert 10 in committed(workdir)
+  (output,) = run(workdir, env)
+  assert resumed_from(output) == 10
+  assert result_of(output) == ref_result
+  assert_same_run(workdir, ref_dir)
+
+
+def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_used(reference, env, tmp_path):
+  ref_dir, ref_result = reference
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")
+  data = workdir / "checkpoints" / "9" / "state" / "ocdbt.process_0" / "d"
+  biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # a torn write
+
+  (output,) = run(workdir, env)
+  assert re.search(r"checkpoint \S+/9 cannot be restored", output)
+  assert resumed_from(output) == 6
+  assert [p.name.split("-")[0] for p in (workdir / checkpoint.UNREADABLE_DIR).iterdir()] == ["9"]
+  assert result_of(output) == ref_result
+  assert_same_run(workdir, ref_dir)
+
+
+def test_restore_newest_skips_what_cannot_be_read(tmp_path, caplog):
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.array(3, jnp.int32)}
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=10)
+  for step in (1, 2, 3, 4):
+    w = state["w"] * step if step != 4 else state["w"].at[0, 0].set(jnp.nan)
+    ckpt.save(step, {**state, "w": w}, {"step": step, "run": {"model": "mlp"}})
+  ckpt.close()
+  shutil.rmtree(tmp_path / "checkpoints" / "3" / "meta")  # 3: the metadata is gone
+  # 4 holds a NaN: the training loop never saves one, so such a checkpoint is damaged.
+
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=10)
+  seen = []
+  with caplog.at_level(logging.ERROR):
+    restored, meta = ckpt.restore_newest(abstract, lambda m: seen.append(m["step"]))
+  ckpt.close()
+  assert meta["step"] == 2 and seen == [4, 2]
+  np.testing.assert_array_equal(restored["w"], state["w"] * 2)
+  assert "checkpoints/4 cannot be restored" in caplog.text and "NaN" in caplog.text
+  assert "checkpoints/3 cannot be restored" in caplog.text
+  aside = sorted(p.name.split("-")[0] for p in (tmp_path / checkpoint.UNREADABLE_DIR).iterdir())
+  assert aside == ["3", "4"]
+
+  # A checkpoint of another run is an error of the caller's, not damage: nothing is moved.
+  def other_run(meta):
+    raise ValueError("another run")
+
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=10)
+  with pytest.raises(ValueError, match="another run"):
+    ckpt.restore_newest(abstract, other_run)
+  ckpt.close()
+  assert committed(tmp_path) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-host: 2 processes on this machine
+
+
+def test_two_processes_match_one_and_resume_across_both(reference, env, tmp_path):
+  ref_dir, ref_result = reference
+  workdir = tmp_path / "two"
+  run(workdir, env, "--kill-before-save", "8", processes=2, rc=-9)
+  outputs = run(workdir, env, processes=2)
+  # Both processes restored the same checkpoint, which both wrote.
+  starts = [resumed_from(o) for o in outputs]
+  assert starts[0] is not None and starts[0] == starts[1], starts
+  # Only process 0 writes: one TensorBoard file per run, each record once (assert_same_run).
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+  results = [result_of(o) for o in outputs]
+  assert results[0] == results[1]
+  for k, v in ref_result.items():
+    assert results[0][k] == pytest.approx(v, rel=1e-3, abs=1e-4), k
+  assert_same_run(workdir, ref_dir, exact=False)
