@@ -12,7 +12,8 @@ FAULT, at global step N (each a real signal to this process, at a deterministic 
 * ``--sigterm-after N``: SIGTERM after step N (as a scheduler preempting the job does).
 
 With ``--processes P`` the run is one of P processes joined by ``jax.distributed`` on
-``localhost:PORT`` (one CPU device each, gloo collectives). The run's result dict is printed
+``localhost:PORT`` (one CPU device each, gloo collectives); ``--fault-in-process I`` limits the
+fault to process I (default: every process). The run's result dict is printed
 to stdout as ``RESULT {json}``.
 """
 
@@ -23,6 +24,7 @@ import importlib.util
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,10 @@ def install_fault(args) -> None:
       kill(signal.SIGKILL)
     if step == args.sigterm_after:
       kill(signal.SIGTERM)
+    if step >= args.sigterm_after >= 0:
+      # A multi-process job hears of the SIGTERM through JAX's coordination service a few
+      # milliseconds later; slow the steps down so that it does before this short run ends.
+      time.sleep(0.5)
     return started
 
   checkpoint.Checkpointer.save = faulty_save
@@ -85,6 +91,7 @@ def main():
   parser.add_argument("--processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--fault-in-process", type=int, default=None)
   args = parser.parse_args()
 
   import jax
@@ -93,7 +100,8 @@ def main():
   logging.set_verbosity(logging.INFO)
   if args.processes > 1:
     jax.distributed.initialize(f"localhost:{args.port}", args.processes, args.process_id)
-  install_fault(args)
+  if args.fault_in_process in (None, args.process_id):
+    install_fault(args)
   from autosparse_jax import train
 
   result = train.train_and_evaluate(config(), args.workdir)
