@@ -284,6 +284,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         train=train_,
         **dataset_kwargs,
       )
+    except data.DatasetUnavailableError as e:
+      raise data.DatasetUnavailableError(
+        f"config.dataset={config.dataset!r}, config.data_dir={config.data_dir!r}: {e}"
+      ) from None
     except ValueError as e:
       raise ValueError(
         f"config.dataset={config.dataset!r}, config.{split_field}={config[split_field]!r} "

@@ -263,6 +263,20 @@ def test_cli_reports_bad_field_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+def test_missing_imagenet_says_how_to_prepare_it_and_writes_nothing(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  from autosparse_jax import data
+
+  config = load_config("imagenet_resnet50", "tiny")
+  config.data_dir = str(tmp_path / "tfds")
+  workdir = tmp_path / "w"
+  with pytest.raises(data.DatasetUnavailableError) as info:
+    train.train_and_evaluate(config, str(workdir))
+  for words in ("config.data_dir=", "ILSVRC2012_img_train.tar", "tfds build imagenet2012"):
+    assert words in str(info.value)
+  assert not workdir.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # config files
 
