@@ -72,7 +72,7 @@ class Checkpointer:
       ),
     )
     self._last_saved: int | None = None
-    self._sigterm_at: float | None = None
+    self._sigterm = False
     self._previous_handler = None
     if (
       handle_sigterm
@@ -83,7 +83,7 @@ class Checkpointer:
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
-    self._sigterm_at = time.time()
+    self._sigterm = True
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -112,9 +112,9 @@ class Checkpointer:
     ``check_meta(meta)`` runs on each candidate's metadata before its state is read and may
     raise (e.g. a checkpoint of another run); that error propagates. A checkpoint whose
     metadata or state cannot be read, or whose state holds a NaN/Inf (never saved by the
-    training loop), is reported, moved to ``<workdir>/checkpoints_unreadable/<step>`` (kept for
-    inspection, out of the way of the step that will be saved again) and the next older one
-    is tried.
+    training loop), is logged as an error, moved to
+    ``<workdir>/checkpoints_unreadable/<step>-<unix time>`` (kept for inspection, out of the way
+    of the step that will be saved again) and the next older one is tried.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -170,11 +170,7 @@ class Checkpointer:
     """Whether the job is being preempted: JAX's preemption service reached its sync point at
     ``step`` (multi-process), or this process got SIGTERM (``handle_sigterm``). The caller
     should save ``step`` (``force=True``) and stop."""
-    return bool(self.manager.reached_preemption(step)) or self._sigterm_at is not None
-
-  def wait(self) -> None:
-    """Blocks until the pending asynchronous save is on disk."""
-    self.manager.wait_until_finished()
+    return bool(self.manager.reached_preemption(step)) or self._sigterm
 
   def close(self) -> None:
     """Waits for the pending save, closes the manager and gives SIGTERM back."""
