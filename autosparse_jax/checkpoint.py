@@ -10,12 +10,12 @@ A checkpoint at step ``s`` (``<workdir>/checkpoints/<s>/``) holds
 
 Saving is asynchronous (orbax copies the arrays off the devices, then writes in the
 background); a checkpoint appears only once fully written, so a run killed mid-save resumes
-from the previous one. A checkpoint that is there but cannot be read back (truncated or
-deleted files, non-finite values) is reported, moved to ``<workdir>/checkpoints_unreadable/``
-and the next older one is used (:meth:`Checkpointer.restore_newest`). Restoring needs the
-abstract state (shapes, dtypes, shardings): it keeps the NamedTuple structure and puts every
-array on its sharding, which may differ from the one it was saved with (e.g. resuming on
-another number of devices).
+from the previous one (the torso of the interrupted save is reported and removed). A
+checkpoint that is there but cannot be read back (truncated or deleted files, non-finite
+values) is reported, moved to ``<workdir>/checkpoints_unreadable/`` and the next older one is
+used (:meth:`Checkpointer.restore_newest`). Restoring needs the abstract state (shapes,
+dtypes, shardings): it keeps the NamedTuple structure and puts every array on its sharding,
+which may differ from the one it was saved with (e.g. resuming on another number of devices).
 
 Preemption: a multi-process job learns of it from JAX's preemption service (SIGTERM on any
 host reaches every process at the same step, through orbax); a single-process job with
@@ -65,10 +65,20 @@ class Checkpointer:
   ):
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / CHECKPOINT_DIR
+    suffix = ocp.path.atomicity.TMP_DIR_SUFFIX
+    for incomplete in sorted(self.directory.glob(f"*{suffix}*")):
+      logging.warning(
+        "checkpoint %s/%s was never completed (the job stopped while saving it); removing it",
+        self.directory,
+        incomplete.name.split(suffix)[0],
+      )
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=int(keep), save_interval_steps=int(every_steps), create=True
+        max_to_keep=int(keep),
+        save_interval_steps=int(every_steps),
+        create=True,
+        cleanup_tmp_directories=True,
       ),
     )
     self._last_saved: int | None = None

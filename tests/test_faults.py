@@ -148,7 +148,8 @@ def test_killed_anywhere_resumes_bitwise_identical(reference, env, tmp_path):
   run(workdir, env, "--kill-at-commit", "3", rc=-9)
   assert 3 not in committed(workdir)
   assert any(p.name.startswith("3.") for p in (workdir / "checkpoints").iterdir())  # the torso
-  run(workdir, env, "--kill-during-save", "6", rc=-9)
+  (output,) = run(workdir, env, "--kill-during-save", "6", rc=-9)
+  assert re.search(r"checkpoint \S+/3 was never completed", output)
   run(workdir, env, "--kill-before-save", "8", rc=-9)
   # SIGTERM: the run saves the step it is at and exits cleanly.
   (output,) = run(workdir, env, "--sigterm-after", "10")
