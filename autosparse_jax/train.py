@@ -630,9 +630,10 @@ def _train_loop(
           last = scalars
           if in_a_row >= config.max_consecutive_nonfinite:
             raise FloatingPointError(
-              f"step {step}: the loss or a gradient was NaN/Inf for {int(in_a_row)} steps in a "
-              f"row (config.max_consecutive_nonfinite = {config.max_consecutive_nonfinite}); "
-              f"those steps were skipped, so the params and the last checkpoint are finite. "
+              f"step {step}: the loss, a gradient or an update was NaN/Inf for {int(in_a_row)} "
+              f"steps in a row (config.max_consecutive_nonfinite = "
+              f"{config.max_consecutive_nonfinite}); those steps were skipped, so the params and "
+              "the last checkpoint are finite. "
               "Lower the learning rate, check the data, or raise the limit."
             )
         if step % exp.eval_every_steps == 0 or step == total:
