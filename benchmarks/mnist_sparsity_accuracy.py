@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 import autosparse_jax as autosparse
+from autosparse_jax import flops
 from autosparse_jax.models import get_model
 
 METHODS = ("gmp", "str", "autosparse", "topkast", "topkast_ga")
@@ -128,10 +129,25 @@ def run(model_name, method_name, sparsity, seed, data, epochs, batch_size):
   }
 
 
+def dense_macs(model_name: str) -> dict[str, int]:
+  """Dense MACs per example of each kernel ('conv1/kernel'), traced (nothing computed)."""
+  model = get_model(model_name, 10, batch_norm=False)
+  example = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), example)
+  counts = flops.count_macs(model.apply, variables, example, batch_size=1)
+  return {k.removeprefix("params/"): int(v) for k, v in counts.items()}
+
+
+def inference_macs_ratio(layers: dict[str, float], macs: dict[str, int]) -> float:
+  """Sparse / dense MACs of one example: sum_l MACs_l (1 - s_l) / sum_l MACs_l."""
+  return sum(m * (1.0 - layers.get(k, 0.0)) for k, m in macs.items()) / sum(macs.values())
+
+
 def aggregate(rows):
   groups = {}
   for r in rows:
     groups.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+  macs = {model: dense_macs(model) for model, _, _ in groups}
   table = []
   for (model, method, target), rs in groups.items():
     err = np.array([r["error"] for r in rs])
@@ -146,6 +162,11 @@ def aggregate(rows):
         "error_std": float(err.std(ddof=1)) if len(rs) > 1 else 0.0,
         "sparsity_mean": float(sp.mean()),
         "off_target": float(np.abs(sp - target).max()) if target else 0.0,
+        "steps": int(rs[0]["steps"]),
+        "seconds_mean": float(np.mean([r["seconds"] for r in rs])),
+        "inference_macs_ratio": float(
+          np.mean([inference_macs_ratio(r["layers"], macs[model]) for r in rs])
+        ),
       }
     )
   return table
@@ -154,16 +175,18 @@ def aggregate(rows):
 def markdown(table, meta):
   lines = [
     f"Command: `{meta['command']}`  ",
-    f"Machine: {meta['machine']}; jax {meta['jax']} ({meta['backend']}); {meta['date']}",
+    f"Machine: {meta['machine']}; jax {meta['jax']} ({meta['backend']}); {meta['date']}; "
+    f"{meta['epochs']} epochs, batch {meta['batch_size']}",
     "",
-    "| model | method | target | seeds | test error % (mean ± std) | sparsity | max off-target |",
-    "|---|---|---|---|---|---|---|",
+    "| model | method | target | seeds | steps | wall time / run | test error % (mean ± std) "
+    "| sparsity | max off-target | inference MACs (of dense) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for t in sorted(table, key=lambda t: (t["model"], t["target"], t["method"])):
     lines.append(
-      f"| {t['model']} | {t['method']} | {t['target']:.2f} | {t['seeds']} | "
-      f"{t['error_mean']:.2f} ± {t['error_std']:.2f} | {t['sparsity_mean']:.4f} | "
-      f"{t['off_target']:.4f} |"
+      f"| {t['model']} | {t['method']} | {t['target']:.2f} | {t['seeds']} | {t['steps']:,} | "
+      f"{t['seconds_mean'] / 60:.1f} min | {t['error_mean']:.2f} ± {t['error_std']:.2f} | "
+      f"{t['sparsity_mean']:.4f} | {t['off_target']:.4f} | {t['inference_macs_ratio']:.1%} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -214,6 +237,11 @@ def main():
     "--smoke", action="store_true", help="2 tiny runs on synthetic data if needed"
   )
   parser.add_argument(
+    "--render",
+    action="store_true",
+    help="run nothing: tabulate the runs finished so far (<out>.runs.jsonl, else <out>)",
+  )
+  parser.add_argument(
     "--out", type=Path, default=Path("benchmarks/results/mnist_sparsity_accuracy.json")
   )
   args = parser.parse_args()
@@ -232,6 +260,10 @@ def main():
   # Finished runs are appended here as they end, so an interrupted sweep resumes where it stopped.
   partial = args.out.with_suffix(".runs.jsonl")
   rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+  if args.render and not rows:
+    if not args.out.exists():
+      sys.exit(f"--render: neither {partial} nor {args.out} exists")
+    rows = json.loads(args.out.read_text())["runs"]
   done = {(r["model"], r["method"], r["target"], r["seed"]) for r in rows}
   # Seed-major order: a sweep cut short still has every configuration at the first seeds.
   jobs = [
@@ -242,7 +274,7 @@ def main():
     + [(m, meth, sp, s) for sp in args.sparsities for meth in args.methods]
   ]
   for i, (model, method, target, seed) in enumerate(jobs, 1):
-    if (model, method, target, seed) in done:
+    if args.render or (model, method, target, seed) in done:
       continue
     r = run(model, method, target, seed, data, args.epochs, args.batch_size)
     rows.append(r)
@@ -255,7 +287,7 @@ def main():
     )
   table = aggregate(rows)
   meta = {
-    "command": "python " + " ".join(sys.argv),
+    "command": "python " + " ".join(a for a in sys.argv if a != "--render"),
     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     "jax": jax.__version__,
     "backend": jax.default_backend(),
@@ -264,7 +296,7 @@ def main():
     "batch_size": args.batch_size,
   }
   args.out.write_text(json.dumps({"meta": meta, "table": table, "runs": rows}, indent=1))
-  partial.unlink()
+  partial.unlink(missing_ok=True)
   args.out.with_suffix(".md").write_text(markdown(table, meta))
   plot(table, args.out.with_suffix(".png"))
   print(markdown(table, meta))
