@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -41,38 +42,39 @@ def env(tmp_path_factory):
   }
 
 
-def launch(workdir: Path, env, *args: str, processes: int = 1) -> list[subprocess.Popen]:
+def run(workdir: Path, env, *args: str, rc: int = 0, processes: int = 1) -> list[str]:
+  """Runs the digits job (``processes`` of it) to the end or its fault; returns each process's
+  output. The output goes to files, not pipes: a process blocked on a full pipe would stall
+  the other at a collective."""
   port = []
   if processes > 1:
     with socket.socket() as s:
       s.bind(("localhost", 0))
       port = ["--port", str(s.getsockname()[1]), "--processes", str(processes)]
-  return [
+  logs_ = [tempfile.TemporaryFile("w+") for _ in range(processes)]
+  procs = [
     subprocess.Popen(
       [sys.executable, str(SCRIPT), str(workdir), *args, *port, "--process-id", str(i)],
       env=env,
       cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
+      stdout=log,
+      stderr=subprocess.STDOUT,
       text=True,
     )
-    for i in range(processes)
+    for i, log in enumerate(logs_)
   ]
-
-
-def run(workdir: Path, env, *args: str, rc: int = 0, processes: int = 1) -> list[str]:
-  """Runs the digits job (``processes`` of it) to the end or its fault; returns the logs."""
-  procs = launch(workdir, env, *args, processes=processes)
+  try:
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
   outputs = []
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    assert p.returncode == rc, f"{args}: exit {p.returncode}, expected {rc}\n{err[-3000:]}"
-    outputs.append(out + err)
+  for log in logs_:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  for code, output in zip(codes, outputs, strict=True):
+    assert code == rc, f"{args}: exit {code}, expected {rc}\n{output[-3000:]}"
   return outputs
 
 
