@@ -10,7 +10,7 @@ A checkpoint at step ``s`` (``<workdir>/checkpoints/<s>/``) holds
 
 Saving is asynchronous (orbax copies the arrays off the devices, then writes in the
 background); a checkpoint appears only once fully written, so a run killed mid-save resumes
-from the previous one (the torso of the interrupted save is reported and removed). A
+from the previous one (the training job reports the torso of the interrupted save and removes it). A
 checkpoint that is there but cannot be read back (truncated or deleted files, non-finite
 values) is reported, moved to ``<workdir>/checkpoints_unreadable/`` and the next older one is
 used (:meth:`Checkpointer.restore_newest`). Restoring needs the abstract state (shapes,
@@ -19,13 +19,14 @@ which may differ from the one it was saved with (e.g. resuming on another number
 
 Preemption: a multi-process job learns of it from JAX's preemption service (SIGTERM on any
 host reaches every process at the same step, through orbax); a single-process job with
-``handle_sigterm=True`` catches SIGTERM itself. Either way :meth:`Checkpointer.preempted`
+``training=True`` catches SIGTERM itself. Either way :meth:`Checkpointer.preempted`
 turns True and the training loop saves a final checkpoint and stops.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -56,36 +57,40 @@ class Checkpointer:
     workdir: the run's directory.
     every_steps: save when ``step % every_steps == 0`` (and whenever ``force=True``).
     keep: how many of the latest checkpoints to keep.
-    handle_sigterm: in a single-process job, catch SIGTERM until :meth:`close` and report it
-      through :meth:`preempted` instead of dying (only from the main thread).
+    training: this is the training job that writes here (not a reader such as a notebook
+      inspecting a live run): report and remove the leftovers of saves interrupted by an
+      earlier kill, and, in a single-process job, catch SIGTERM until :meth:`close` and
+      report it through :meth:`preempted` instead of dying (only from the main thread).
   """
 
   def __init__(
-    self, workdir: str | os.PathLike, every_steps: int, keep: int, handle_sigterm: bool = False
+    self, workdir: str | os.PathLike, every_steps: int, keep: int, training: bool = False
   ):
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / CHECKPOINT_DIR
     suffix = ocp.path.atomicity.TMP_DIR_SUFFIX
-    for incomplete in sorted(self.directory.glob(f"*{suffix}*")):
+    # A reader must not touch the temporary directory of a live run's save in flight.
+    for incomplete in sorted(self.directory.glob(f"*{suffix}*")) if training else []:
       logging.warning(
         "checkpoint %s/%s was never completed (the job stopped while saving it); removing it",
         self.directory,
         incomplete.name.split(suffix)[0],
       )
+      if jax.process_index() == 0:
+        shutil.rmtree(incomplete, ignore_errors=True)
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=int(keep),
         save_interval_steps=int(every_steps),
         create=True,
-        cleanup_tmp_directories=True,
       ),
     )
     self._last_saved: int | None = None
     self._sigterm = False
     self._previous_handler = None
     if (
-      handle_sigterm
+      training
       and jax.process_count() == 1
       and threading.current_thread() is threading.main_thread()
     ):
@@ -178,7 +183,7 @@ class Checkpointer:
 
   def preempted(self, step: int) -> bool:
     """Whether the job is being preempted: JAX's preemption service reached its sync point at
-    ``step`` (multi-process), or this process got SIGTERM (``handle_sigterm``). The caller
+    ``step`` (multi-process), or this process got SIGTERM (``training``). The caller
     should save ``step`` (``force=True``) and stop."""
     return bool(self.manager.reached_preemption(step)) or self._sigterm
 

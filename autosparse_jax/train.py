@@ -474,7 +474,7 @@ def train_and_evaluate(
   exp = build_experiment(config)
   workdir = Path(workdir)
   ckpt = checkpoint.Checkpointer(
-    workdir, config.checkpoint_every_steps, config.keep_checkpoints, handle_sigterm=True
+    workdir, config.checkpoint_every_steps, config.keep_checkpoints, training=True
   )
   try:
     outcome = _train_loop(exp, workdir, ckpt, stop_at_step)

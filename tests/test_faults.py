@@ -238,3 +238,15 @@ def test_two_processes_match_one_and_resume_across_both(reference, env, tmp_path
   for k, v in ref_result.items():
     assert results[0][k] == pytest.approx(v, rel=1e-3, abs=1e-4), k
   assert_same_run(workdir, ref_dir, exact=False)
+
+
+def test_only_the_training_job_removes_an_interrupted_save(tmp_path, caplog):
+  torso = tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp"  # what a kill mid-save leaves
+  (torso / "state").mkdir(parents=True)
+  # A reader (a notebook inspecting a live run) must leave a save in flight alone.
+  checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3).close()
+  assert torso.exists()
+  with caplog.at_level(logging.WARNING):
+    checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3, training=True).close()
+  assert "checkpoints/5 was never completed" in caplog.text
+  assert not torso.exists()
