@@ -9,7 +9,7 @@ starting points, not tuned on CIFAR-10. ``configs/cifar10_resnet20.py:tiny``: a 
 bottleneck ResNet for 200 steps, for a laptop CPU.
 """
 
-from autosparse_jax.config_lib import base_config
+from autosparse_jax.train.recipes import base_config
 
 
 def get_config(variant: str = ""):

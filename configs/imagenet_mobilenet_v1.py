@@ -5,13 +5,13 @@ Variants: ``configs/imagenet_mobilenet_v1.py`` (a TPU pod slice or a GPU server:
 3-block ``mobilenet_tiny`` at 64x64, 200 steps). The method: ``--config.method=`` one of dense,
 autosparse (default), str, topkast, topkast_ga, gmp; each reads ``config.sparsity.<method>``.
 
-Per-method starting points (RECIPES.md; the AutoSparse values are not confirmed by the paper):
+Per-method starting points (docs/recipes.md; the AutoSparse values are not confirmed by the paper):
 STR prunes with weight decay 3.751757813e-5 and s_init = -12800 (89.01% in STR's run);
 AutoSparse uses the same plus gradient annealing, aimed at the paper's 75%. TopKAST(+GA) and GMP
 at 75%. Every conv is pruned, including the stem and the depthwise convs.
 """
 
-from autosparse_jax.config_lib import imagenet_recipe, tiny_local_variant
+from autosparse_jax.train.recipes import imagenet_recipe, tiny_local_variant
 
 STR_WEIGHT_DECAY = 3.751757813e-5
 STR_THRESHOLD_INIT = -12800.0

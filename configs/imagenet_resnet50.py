@@ -5,13 +5,13 @@ server: global batch 1024, bfloat16) and ``configs/imagenet_resnet50.py:tiny`` (
 a 4-block ResNet50 at 64x64, 200 steps). The method: ``--config.method=`` one of dense,
 autosparse (default), str, topkast, topkast_ga, gmp; each reads ``config.sparsity.<method>``.
 
-Per-method starting points (RECIPES.md; the AutoSparse values are not confirmed by the paper):
+Per-method starting points (docs/recipes.md; the AutoSparse values are not confirmed by the paper):
 STR prunes with weight decay 2.251757813e-5 and s_init = -3200 (90.23% in STR's run); AutoSparse
 uses the same plus gradient annealing (alpha0 0.5, sigmoid-cosine, 0 from 90% of training),
 which keeps more weights: aimed at the paper's 80%. TopKAST(+GA) and GMP at 80%.
 """
 
-from autosparse_jax.config_lib import imagenet_recipe, tiny_local_variant
+from autosparse_jax.train.recipes import imagenet_recipe, tiny_local_variant
 
 STR_WEIGHT_DECAY = 2.251757813e-5
 STR_THRESHOLD_INIT = -3200.0

@@ -8,7 +8,7 @@ their own level through the threshold weight decay. Measured (20 epochs, one see
 98.52%, AutoSparse 98.51% at 96.97% sparsity, STR 98.32% at 97.47%.
 """
 
-from autosparse_jax.config_lib import base_config
+from autosparse_jax.train.recipes import base_config
 
 
 def get_config():

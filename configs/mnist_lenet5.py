@@ -8,7 +8,7 @@ Per-method defaults aim at about 92% sparsity (TopKAST and GMP are set to it; th
 learnable-threshold methods get there through the threshold weight decay).
 """
 
-from autosparse_jax.config_lib import base_config
+from autosparse_jax.train.recipes import base_config
 
 
 def get_config():

@@ -53,7 +53,7 @@ def config(**overrides):
 def install_fault(args) -> None:
   from orbax.checkpoint._src.path import atomicity
 
-  from autosparse_jax import checkpoint
+  from autosparse_jax.train import checkpoint
 
   kill = lambda sig: os.kill(os.getpid(), sig)  # noqa: E731
   save = checkpoint.Checkpointer.save

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from fault_run import config
 
-from autosparse_jax import checkpoint, logs, report, train
+from autosparse_jax import train
+from autosparse_jax.train import checkpoint, logs
+from autosparse_jax.train import summary as run_summary
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "fault_run.py"
@@ -121,7 +123,7 @@ def assert_same_run(workdir: Path, reference: Path, exact: bool = True):
       assert r.keys() == s.keys()
       for k in r:
         assert r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-4), (r["step"], k)
-  summaries = [json.loads((d / report.SUMMARY_JSON).read_text()) for d in (workdir, reference)]
+  summaries = [json.loads((d / run_summary.SUMMARY_JSON).read_text()) for d in (workdir, reference)]
   for s in summaries:
     s.pop("wall_time_seconds")
     s["experiment"].pop("processes"), s["experiment"].pop("devices")

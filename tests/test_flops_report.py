@@ -1,4 +1,4 @@
-"""FLOP logging, the summary's cost lines and plots, and ``python -m autosparse_jax.report``
+"""FLOP logging, the summary's cost lines and plots, and ``python -m autosparse_jax.train.report``
 (issue 4), on the digits default for a few steps."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("orbax.checkpoint")
 
-from autosparse_jax import flops, logs, report, train  # noqa: E402
+from autosparse_jax import flops, train  # noqa: E402
+from autosparse_jax.train import logs, plots  # noqa: E402
+from autosparse_jax.train import summary as run_summary  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -26,9 +28,9 @@ DENSE_MACS = np.array([64 * 300, 300 * 100, 100 * 10], np.float64)  # one exampl
 
 def digits_config(num_train_steps: int):
   """The digits default (configs/default.py), logging every 2 steps, checkpoints every 4."""
-  from autosparse_jax import config_lib
+  from autosparse_jax.train import recipes
 
-  config = config_lib.digits_default()
+  config = recipes.digits_default()
   config.num_train_steps = num_train_steps
   config.log_every_steps = 2
   config.checkpoint_every_steps = 4
@@ -81,12 +83,12 @@ def test_logged_ratios_match_a_hand_computation(run):
   assert [r["flops/inference_ratio"] for r in records] == pytest.approx(inference, rel=1e-9)
   assert [r["flops/training_ratio"] for r in records] == pytest.approx(training, rel=1e-9)
   assert 0 < records[-1]["flops/inference_ratio"] < 1
-  summary = json.loads((workdir / report.SUMMARY_JSON).read_text())
+  summary = json.loads((workdir / run_summary.SUMMARY_JSON).read_text())
   assert summary["training_cost"]["ratio"] == pytest.approx(training[-1])
   assert result["training_cost/ratio"] == pytest.approx(training[-1])
   layer = summary["sparsity"]["layers"]["fc2/kernel"]
   assert layer["sparse_macs"] == pytest.approx((1 - layer["sparsity"]) * 300 * 100)
-  text = (workdir / report.SUMMARY_TXT).read_text()
+  text = (workdir / run_summary.SUMMARY_TXT).read_text()
   for word in ("params", "dense MACs", "sparse MACs", "sparsity", "training cost", "total"):
     assert word in text, word
 
@@ -120,7 +122,7 @@ def test_running_cost_weight_gradient_rule(method, kwargs):
 
 def test_plots_are_written(run):
   _, workdir, _ = run
-  for name in (report.SPARSITY_PLOT, report.CURVES_PLOT):
+  for name in (plots.SPARSITY_PLOT, plots.CURVES_PLOT):
     data = (workdir / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
 
@@ -128,7 +130,7 @@ def test_plots_are_written(run):
 def _report_cli(*args, cwd=REPO):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run(
-    [sys.executable, "-m", "autosparse_jax.report", *args],
+    [sys.executable, "-m", "autosparse_jax.train.report", *args],
     capture_output=True,
     text=True,
     cwd=cwd,

@@ -9,8 +9,9 @@ import optax
 import pytest
 
 import autosparse_jax as autosparse
-from autosparse_jax import checkpoint, config_lib, logs, sharding, train
+from autosparse_jax import train
 from autosparse_jax.models import get_model
+from autosparse_jax.train import checkpoint, config_lib, logs, sharding
 
 
 def test_nonfinite_step_is_skipped_and_counted():

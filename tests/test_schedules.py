@@ -24,7 +24,7 @@ def test_sigmoid_cosine_decay_key_points():
 
 
 def test_sigmoid_cosine_decay_matches_published_ratios():
-  # RECIPES.md: alpha_t / alpha0 at t/T = 0.1, 0.3, 0.5, 0.7, 0.9.
+  # docs/recipes.md: alpha_t / alpha0 at t/T = 0.1, 0.3, 0.5, 0.7, 0.9.
   T = 1000
   sched = autosparse.sigmoid_cosine_decay(1.0, T)
   got = [float(sched(int(f * T))) for f in (0.1, 0.3, 0.5, 0.7, 0.9)]

@@ -26,7 +26,9 @@ CONFIGS = REPO / "configs"
 pytest.importorskip("flax")
 pytest.importorskip("orbax.checkpoint")
 
-from autosparse_jax import config_lib, logs, optim, report, train  # noqa: E402
+from autosparse_jax import train  # noqa: E402
+from autosparse_jax.train import config_lib, logs, optim  # noqa: E402
+from autosparse_jax.train import summary as run_summary  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -104,7 +106,7 @@ def test_digits_run_writes_metrics_summary_and_checkpoints(uninterrupted):
   rates = [r["train/learning_rate"] for r in train_records]
   assert rates[-1] < rates[1] and rates[-1] < 0.01
 
-  summary = json.loads((workdir / report.SUMMARY_JSON).read_text())
+  summary = json.loads((workdir / run_summary.SUMMARY_JSON).read_text())
   assert summary["experiment"]["method"] == "autosparse"
   assert summary["eval"]["accuracy"] == pytest.approx(result["eval/accuracy"])
   layers = summary["sparsity"]["layers"]
@@ -115,7 +117,7 @@ def test_digits_run_writes_metrics_summary_and_checkpoints(uninterrupted):
   assert macs["dense"] == 64 * 300 + 300 * 100 + 100 * 10  # one example through the MLP
   assert macs["ratio"] == pytest.approx(result["inference_macs/ratio"])
   assert 0 < macs["ratio"] < 1 and layers["fc2/kernel"]["macs"] == 300 * 100
-  text = (workdir / report.SUMMARY_TXT).read_text()
+  text = (workdir / run_summary.SUMMARY_TXT).read_text()
   assert "fc2/kernel" in text and "eval accuracy" in text and "inference MACs" in text
   assert (workdir / "config.json").exists() and (workdir / "parameter_overview.txt").exists()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
@@ -248,7 +250,7 @@ def test_cli_reports_bad_field_and_writes_nothing(tmp_path):
     [
       sys.executable,
       "-m",
-      "autosparse_jax.main",
+      "autosparse_jax.train",
       f"--config={CONFIGS / 'default.py'}",
       f"--workdir={workdir}",
       "--config.method=lottery",
@@ -407,7 +409,7 @@ def test_tiny_variants_on_mock_data(name, overrides, tmp_path, fast_compiling_rn
     result = train.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 3 and np.isfinite(result["eval/loss"])
   assert result["eval/examples"] == 16
-  summary = json.loads((tmp_path / report.SUMMARY_JSON).read_text())
+  summary = json.loads((tmp_path / run_summary.SUMMARY_JSON).read_text())
   assert summary["experiment"]["model"] == config.model
   assert summary["experiment"]["half_precision"] == config.half_precision
   assert len(summary["sparsity"]["layers"]) > 5
@@ -482,7 +484,7 @@ def test_comparison_table():
       "inference_macs/ratio": 0.1,
     },
   }
-  table = report.format_comparison(results, {"dense": 1.0, "autosparse": 2.0})
+  table = run_summary.format_comparison(results, {"dense": 1.0, "autosparse": 2.0})
   lines = table.splitlines()
   assert lines[0].split() == ["dense", "autosparse"]
   assert lines[1].split()[-2:] == ["95.00%", "94.00%"]

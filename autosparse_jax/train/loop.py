@@ -5,7 +5,7 @@ global batches assembled from each process's rows, warmup + cosine learning rate
 smoothing, weight decay on kernels, batch norm, optional bfloat16 compute, evaluation every
 ``eval_every_epochs``, orbax checkpoints with automatic resume, metric writers, and a final
 summary in the workdir. The optimizer is ``autosparse.optax_chain(base, method)`` built from the
-config by :mod:`autosparse_jax.optim`; ``method='dense'`` is the dense baseline.
+config by :mod:`autosparse_jax.train.optim`; ``method='dense'`` is the dense baseline.
 
 Everything in a run is a function of the config and the step: the data pipeline is indexed by
 the global step, and the step function derives any randomness from ``fold_in(seed, step)``. So
@@ -26,305 +26,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 import autosparse_jax as autosparse
-from autosparse_jax import checkpoint, config_lib, data, logs, optim, report, sharding
-from autosparse_jax.models import get_model
+from autosparse_jax import data
 from autosparse_jax.selection import path_string
-
-
-class TrainState(NamedTuple):
-  """Everything a training run carries from step to step (and checkpoints).
-
-  Attributes:
-    step: int32 scalar, the number of steps taken (also the data position).
-    params: the model's params, the sparse effective weights.
-    batch_stats: batch-norm running statistics (``{}`` for models without batch norm).
-    opt_state: the optimizer state (latent weights, thresholds, momenta, ...).
-    nonfinite_in_a_row: int32, steps skipped in a row because the loss or a gradient was
-      NaN/Inf (reset by a finite step).
-    nonfinite_total: int32, all steps skipped so far.
-  """
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  nonfinite_in_a_row: jax.Array
-  nonfinite_total: jax.Array
-
-
-def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
-  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-def create_train_state(
-  rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple
-) -> TrainState:
-  """A fresh state: ``model.init`` on one example of ``input_shape`` (H, W, C), ``tx.init``."""
-  variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-  params = variables["params"]
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(params),
-    nonfinite_in_a_row=jnp.zeros((), jnp.int32),
-    nonfinite_total=jnp.zeros((), jnp.int32),
-  )
-
-
-def cross_entropy_loss(
-  logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
-) -> jax.Array:
-  """Mean softmax cross-entropy against (smoothed) one-hot labels."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-
-
-def train_step(
-  state: TrainState,
-  batch: dict[str, jax.Array],
-  *,
-  apply_fn: Callable,
-  tx: optax.GradientTransformation,
-  learning_rate_fn: optax.Schedule,
-  num_classes: int,
-  label_smoothing: float = 0.0,
-  seed: int = 0,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on ``batch`` (``image``, ``label``); returns the state and metrics.
-
-  Metrics: ``train/loss`` (with label smoothing), ``train/accuracy`` (top-1 on the batch),
-  ``train/learning_rate`` (the rate this step used). Randomness (e.g. dropout) comes from
-  ``fold_in(key(seed), step)``: a function of the step only.
-  """
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)
-
-  def loss_fn(params):
-    out = apply_fn(
-      _variables(params, state.batch_stats),
-      batch["image"],
-      train=True,
-      mutable=["batch_stats"] if state.batch_stats else False,
-      rngs={"dropout": rng},
-    )
-    logits, new_model_state = out if state.batch_stats else (out, {})
-    loss = cross_entropy_loss(logits, batch["label"], num_classes, label_smoothing)
-    return loss, (logits, new_model_state)
-
-  (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # A NaN/Inf loss, gradient or update skips the step: params, batch statistics and the
-  # optimizer state (latent weights, thresholds) stay as they were; the data moves on.
-  finite = jnp.isfinite(loss) & jnp.all(
-    jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, updates))])
-  )
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-  skipped = (~finite).astype(jnp.int32)
-  new_state = TrainState(
-    step=state.step + 1,
-    params=keep(params, state.params),
-    batch_stats=keep(new_model_state.get("batch_stats", state.batch_stats), state.batch_stats),
-    opt_state=keep(opt_state, state.opt_state),
-    nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-    nonfinite_total=state.nonfinite_total + skipped,
-  )
-  metrics = {
-    "train/loss": loss,
-    "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-    "train/learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
-  }
-  return new_state, metrics
-
-
-def eval_step(
-  state: TrainState, batch: dict[str, jax.Array], *, apply_fn: Callable, num_classes: int
-) -> dict[str, jax.Array]:
-  """Sums over the real rows of ``batch`` (``mask`` = 1): loss, top-1 and top-5 hits, count."""
-  logits = apply_fn(_variables(state.params, state.batch_stats), batch["image"], train=False)
-  mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-  labels = batch["label"]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  out = {
-    "loss": jnp.sum(loss * mask),
-    "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-    "count": jnp.sum(mask),
-  }
-  if num_classes > 5:
-    top5 = jax.lax.top_k(logits, 5)[1]
-    out["correct_top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask)
-  return out
-
-
-def summarize_eval(sums: list[dict[str, Any]]) -> dict[str, float]:
-  """``eval/loss``, ``eval/accuracy``, ``eval/top5_accuracy`` from :func:`eval_step` sums."""
-  total = {k: float(np.sum([np.float64(s[k]) for s in sums])) for k in sums[0]}
-  count = max(total["count"], 1.0)
-  out = {
-    "eval/loss": total["loss"] / count,
-    "eval/accuracy": total["correct"] / count,
-    "eval/examples": total["count"],
-  }
-  if "correct_top5" in total:
-    out["eval/top5_accuracy"] = total["correct_top5"] / count
-  return out
-
-
-class Experiment(NamedTuple):
-  """What :func:`build_experiment` makes from a config, before anything runs or is written."""
-
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  train_ds: data.Dataset
-  eval_ds: data.Dataset
-  model: nn.Module
-  optimizer: optim.Optimizer
-  steps_per_epoch: int
-  total_steps: int
-  eval_every_steps: int
-  abstract_state: TrainState
-  state_shardings: TrainState
-  dense_macs: dict[str, int] | None
-
-
-def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """``num_train_steps`` if > 0, else ``num_epochs * steps_per_epoch`` (at least 1)."""
-  if config.num_train_steps > 0:
-    return int(config.num_train_steps)
-  return max(1, int(round(config.num_epochs * steps_per_epoch)))
-
-
-def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """``get_model(config.model, num_classes, **config.model_kwargs)``, bf16 if half precision."""
-  kwargs = dict(config.model_kwargs)
-  if config.half_precision:
-    kwargs.setdefault("dtype", jnp.bfloat16)
-  try:
-    return get_model(config.model, num_classes, **kwargs)
-  except TypeError as e:
-    raise ValueError(f"config.model_kwargs={kwargs!r}: {e}") from None
-
-
-def dense_macs(model: nn.Module, input_shape: tuple) -> dict[str, int] | None:
-  """Dense multiply-accumulates per example of each kernel, by param path ('fc1/kernel'), from
-  :func:`autosparse_jax.flops.count_macs` (traced, nothing computed); None if it fails."""
-  from autosparse_jax import flops
-
-  example = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  try:
-    variables = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0), example
-    )
-    counts = flops.count_macs(
-      functools.partial(model.apply, train=False), variables, example, batch_size=1
-    )
-  except Exception as e:  # noqa: BLE001 -- the FLOP count is a report, not the training
-    logging.warning("could not count the model's MACs: %s", e)
-    return None
-  return {k.removeprefix("params/"): int(v) for k, v in counts.items()}
-
-
-def state_shardings(
-  abstract_state: TrainState, tx: optax.GradientTransformation, mesh, config
-) -> TrainState:
-  """Shardings of every state leaf (see :mod:`autosparse_jax.sharding`)."""
-  fsdp = config.sharding == "fsdp"
-  params = sharding.param_shardings(abstract_state.params, mesh, fsdp, config.fsdp_min_size)
-  rep = sharding.replicated(mesh)
-  return TrainState(
-    step=rep,
-    params=params,
-    batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
-    opt_state=sharding.optimizer_state_shardings(tx, abstract_state.opt_state, params, mesh),
-    nonfinite_in_a_row=rep,
-    nonfinite_total=rep,
-  )
-
-
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Validates ``config`` and builds data, model, optimizer, mesh and the abstract state.
-
-  Nothing is compiled or written (the datasets are opened; CIFAR-10/MNIST are read into
-  memory).
-
-  Raises:
-    ValueError: a bad config field, named.
-    DatasetUnavailableError: the dataset is not on disk.
-  """
-  config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-  dataset_kwargs = dict(
-    seed=config.seed,
-    image_size=config.image_size,
-    data_dir=config.data_dir,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_workers=config.num_workers,
-  )
-  datasets = {}
-  for train_, split_field, batch_field in (
-    (True, "train_split", "global_batch_size"),
-    (False, "eval_split", "eval_batch_size"),
-  ):
-    try:
-      datasets[train_] = data.make_dataset(
-        config.dataset,
-        config[split_field],
-        global_batch_size=config[batch_field],
-        train=train_,
-        **dataset_kwargs,
-      )
-    except data.DatasetUnavailableError as e:
-      raise data.DatasetUnavailableError(
-        f"config.dataset={config.dataset!r}, config.data_dir={config.data_dir!r}: {e}"
-      ) from None
-    except ValueError as e:
-      raise ValueError(
-        f"config.dataset={config.dataset!r}, config.{split_field}={config[split_field]!r} "
-        f"(config.image_size, config.{batch_field}, config.seed): {e}"
-      ) from None
-  train_ds, eval_ds = datasets[True], datasets[False]
-  steps_per_epoch = train_ds.steps_per_epoch
-  total_steps = total_train_steps(config, steps_per_epoch)
-  eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
-  model = make_model(config, train_ds.num_classes)
-  macs = dense_macs(model, train_ds.input_shape)
-  optimizer = optim.make_optimizer(config, steps_per_epoch, total_steps, macs)
-  init = functools.partial(
-    create_train_state, model=model, tx=optimizer.tx, input_shape=train_ds.input_shape
-  )
-  try:
-    abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  except ValueError as e:
-    if "prunable" in str(e):
-      raise ValueError(f"config.sparsity.exclude={config.sparsity.exclude!r}: {e}") from None
-    raise
-  mesh = sharding.make_mesh(config.num_devices)
-  shardings = state_shardings(abstract, optimizer.tx, mesh, config)
-  return Experiment(
-    config=config,
-    mesh=mesh,
-    train_ds=train_ds,
-    eval_ds=eval_ds,
-    model=model,
-    optimizer=optimizer,
-    steps_per_epoch=steps_per_epoch,
-    total_steps=total_steps,
-    eval_every_steps=eval_every,
-    abstract_state=abstract,
-    state_shardings=shardings,
-    dense_macs=macs,
-  )
+from autosparse_jax.train import checkpoint, config_lib, logs, sharding
+from autosparse_jax.train.experiment import (
+  Experiment,
+  backward_sparsity,
+  build_experiment,
+  experiment_info,
+)
+from autosparse_jax.train.plots import write_plots
+from autosparse_jax.train.state import (
+  TrainState,
+  create_train_state,
+  eval_step,
+  summarize_eval,
+  train_step,
+)
+from autosparse_jax.train.summary import SUMMARY_TXT, build_summary, nonzero_counts, write_summary
 
 
 class _Functions(NamedTuple):
@@ -372,7 +97,7 @@ def _compile_functions(exp: Experiment) -> _Functions:
     return out
 
   summary_fn = jax.jit(summary, in_shardings=(shardings,), out_shardings=rep)
-  nonzero = jax.jit(report.nonzero_counts, in_shardings=(shardings.params,), out_shardings=rep)
+  nonzero = jax.jit(nonzero_counts, in_shardings=(shardings.params,), out_shardings=rep)
   return _Functions(init, train, evaluate, summary_fn, nonzero)
 
 
@@ -425,24 +150,6 @@ def _check_resumable(stored: dict[str, Any], config: ml_collections.ConfigDict, 
     )
 
 
-def _experiment_info(exp: Experiment, steps: int) -> dict[str, Any]:
-  c = exp.config
-  return {
-    "model": c.model,
-    "dataset": c.dataset,
-    "method": c.method,
-    "steps": int(steps),
-    "epochs": steps / exp.steps_per_epoch,
-    "global_batch_size": c.global_batch_size,
-    "peak_learning_rate": optim.peak_learning_rate(c),
-    "weight_decay": optim.method_weight_decay(c),
-    "devices": int(exp.mesh.size),
-    "processes": jax.process_count(),
-    "sharding": c.sharding,
-    "half_precision": bool(c.half_precision),
-  }
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
 ) -> dict[str, float]:
@@ -450,7 +157,7 @@ def train_and_evaluate(
   checkpoint.
 
   Args:
-    config: the experiment (see :func:`autosparse_jax.config_lib.base_config`).
+    config: the experiment (see :func:`autosparse_jax.train.config_lib.base_config`).
     workdir: where checkpoints, metrics, TensorBoard events and the summary go.
     stop_at_step: return after this global step as a killed job would (no final checkpoint,
       evaluation or summary); the next call resumes from the latest checkpoint.
@@ -487,8 +194,8 @@ def train_and_evaluate(
     path_string(p): tuple(x.shape)
     for p, x in jax.tree_util.tree_flatten_with_path(exp.abstract_state.params)[0]
   }
-  summary = report.build_summary(
-    experiment=_experiment_info(exp, total),
+  summary = build_summary(
+    experiment=experiment_info(exp, total),
     shapes=shapes,
     dense_macs=exp.dense_macs,
     nonzero=outcome.nonzero,
@@ -510,10 +217,10 @@ def train_and_evaluate(
   if "training_cost" in summary:
     result["training_cost/ratio"] = summary["training_cost"]["ratio"]
   if jax.process_index() == 0:
-    text = report.write_summary(workdir, summary)
-    logging.info("summary (%s):\n%s", workdir / report.SUMMARY_TXT, text)
+    text = write_summary(workdir, summary)
+    logging.info("summary (%s):\n%s", workdir / SUMMARY_TXT, text)
     try:
-      report.write_plots(workdir, summary, logs.read_jsonl(workdir / logs.METRICS_FILE))
+      write_plots(workdir, summary, logs.read_jsonl(workdir / logs.METRICS_FILE))
     except Exception as e:  # noqa: BLE001 -- the plots are a report, not the training
       logging.warning("could not write the plots: %s", e)
   return result
@@ -667,15 +374,6 @@ def _train_loop(
   return _LoopOutcome(True, last, earlier, eval_metrics, final_summary, nonzero, training_ratio)
 
 
-def backward_sparsity(config: ml_collections.ConfigDict) -> float | None:
-  """TopKAST's backward sparsity (default: its forward sparsity); None for other methods."""
-  if config.method not in ("topkast", "topkast_ga"):
-    return None
-  block = config.sparsity[config.method]
-  value = block.backward_sparsity
-  return float(block.forward_sparsity if value is None else value)
-
-
 def _training_cost_meter(exp: Experiment, workdir: Path, start_step: int):
   """The run's :class:`~autosparse_jax.flops.RunningTrainingCost` (None without MAC counts);
   a resumed run replays the logged records up to ``start_step``."""
@@ -706,29 +404,6 @@ def _flop_scalars(exp: Experiment, meter, step: int, scalars: dict[str, float]) 
   }
 
 
-def load_checkpoint(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  step: int | None = None,
-  *,
-  experiment: Experiment | None = None,
-) -> TrainState:
-  """The train state saved in ``workdir`` at ``step`` (default: the latest), on this job's
-  devices with the shardings ``config`` asks for (for notebooks, export and tests).
-  ``experiment``: :func:`build_experiment` of ``config`` if already built."""
-  exp = build_experiment(config) if experiment is None else experiment
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    target = sharding.with_shardings(exp.abstract_state, exp.state_shardings)
-    state, _ = ckpt.restore(step, target)
-  finally:
-    ckpt.close()
-  return state
-
-
 def _parameter_overview(abstract_params: Any, shardings: Any) -> str:
   """clu's parameter table (name, shape, dtype, size) and the prunable kernel count."""
   from clu import parameter_overview
@@ -740,17 +415,3 @@ def _parameter_overview(abstract_params: Any, shardings: Any) -> str:
   return (
     f"{table}\nKernels (ndim >= 2): {len(kernels)}, {count:,} weights; sharded params: {sharded}"
   )
-
-
-__all__ = [
-  "Experiment",
-  "TrainState",
-  "build_experiment",
-  "create_train_state",
-  "cross_entropy_loss",
-  "eval_step",
-  "evaluate",
-  "load_checkpoint",
-  "train_and_evaluate",
-  "train_step",
-]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m autosparse_jax.main --config=configs/<experiment>.py --workdir=DIR``.
+"""Command line: ``python -m autosparse_jax.train --config=configs/<experiment>.py --workdir=DIR``.
 
 Any config field can be overridden with ``--config.<field>=value`` (e.g.
 ``--config.method=str``, ``--config.sparsity.autosparse.alpha0=0.8``); a config file argument
@@ -33,14 +33,14 @@ def main(argv):
 
   if FLAGS.distributed:
     jax.distributed.initialize()
-  from autosparse_jax import logs, train
+  from autosparse_jax.train import logs, loop
 
   logs.quiet_library_logs()
 
   logging.info(
     "JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,6 @@ see :class:`autosparse_jax.flops.RunningTrainingCost`).
 
 ``summary.txt`` is the same as a human-readable table. :func:`write_plots` adds
 ``sparsity_per_layer.png`` and ``training_curves.png``.
-
-As a command, the report of any checkpoint in a workdir (nothing is written unless
-``--plots``)::
-
-  python -m autosparse_jax.report --workdir=/tmp/digits [--step=N] [--plots]
 """
 
 from __future__ import annotations
@@ -156,7 +151,7 @@ def _si(x: float) -> str:
   return f"{x:.3g}"
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
   return f"{100.0 * x:6.2f}%"
 
 
@@ -183,7 +178,7 @@ def format_layer_table(layers: Mapping[str, Mapping[str, Any]]) -> list[str]:
   for name, r in layers.items():
     row = (
       f"{name:<{width}}  {'x'.join(map(str, r['shape'])):>18}  {r['size']:>11,}  "
-      f"{r['nonzero']:>11,}  {_pct(r['sparsity']):>8}" + macs_cells(r)
+      f"{r['nonzero']:>11,}  {percent(r['sparsity']):>8}" + macs_cells(r)
     )
     if "tau" in r:
       row += f"  {r['tau']:>9.4g}"
@@ -196,7 +191,7 @@ def format_layer_table(layers: Mapping[str, Mapping[str, Any]]) -> list[str]:
     total["sparse_macs"] = sum(r.get("sparse_macs", 0.0) for r in layers.values())
   lines.append("-" * len(header))
   lines.append(
-    f"{'total':<{width}}  {'':>18}  {size:>11,}  {kept:>11,}  {_pct(total['sparsity']):>8}"
+    f"{'total':<{width}}  {'':>18}  {size:>11,}  {kept:>11,}  {percent(total['sparsity']):>8}"
     + macs_cells(total)
   )
   return lines
@@ -210,12 +205,12 @@ def format_summary(report: Mapping[str, Any]) -> str:
     f"{exp.get('steps')} steps ({exp.get('epochs', 0):.4g} epochs), "
     f"batch {exp.get('global_batch_size')}",
     "",
-    f"eval accuracy      {_pct(ev.get('accuracy', float('nan')))}"
-    + (f"   (top-5 {_pct(ev['top5_accuracy'])})" if "top5_accuracy" in ev else ""),
+    f"eval accuracy      {percent(ev.get('accuracy', float('nan')))}"
+    + (f"   (top-5 {percent(ev['top5_accuracy'])})" if "top5_accuracy" in ev else ""),
     f"eval loss          {ev.get('loss', float('nan')):.4f}",
-    f"sparsity (kernels) {_pct(sp['total'])}   "
+    f"sparsity (kernels) {percent(sp['total'])}   "
     f"({sp['kernels_nonzero']:,} of {sp['kernels_size']:,} weights nonzero)",
-    f"sparsity (params)  {_pct(sp['all_params'])}",
+    f"sparsity (params)  {percent(sp['all_params'])}",
   ]
   if "inference_macs" in report:
     m = report["inference_macs"]
@@ -227,7 +222,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
     )
   if "training_cost" in report:
     lines.append(
-      f"training cost      {_pct(report['training_cost']['ratio'])} of dense training "
+      f"training cost      {percent(report['training_cost']['ratio'])} of dense training "
       "(MACs, averaged over the run)"
     )
   if "alpha" in sp:
@@ -247,64 +242,8 @@ def write_summary(workdir: str | os.PathLike, report: Mapping[str, Any]) -> str:
   return text
 
 
-SPARSITY_PLOT = "sparsity_per_layer.png"
-CURVES_PLOT = "training_curves.png"
-
-
-def write_plots(
-  workdir: str | os.PathLike, report: Mapping[str, Any], records: list[Mapping[str, Any]]
-) -> list[Path]:
-  """``sparsity_per_layer.png`` (a bar per kernel) from ``report`` (:func:`build_summary`) and
-  ``training_curves.png`` (total sparsity, alpha_t and each layer's tau over the steps) from
-  the ``metrics.jsonl`` records. matplotlib (Agg) is imported here. Returns the paths."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  workdir = Path(workdir)
-  layers = report["sparsity"]["layers"]
-  names = list(layers)
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 4))
-  ax.bar(range(len(names)), [100 * layers[n]["sparsity"] for n in names])
-  ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-  ax.set_ylabel("sparsity (%)")
-  ax.set_ylim(0, 100)
-  ax.set_title(f"per-layer sparsity (total {100 * report['sparsity']['total']:.2f}%)")
-  fig.tight_layout()
-  paths = [workdir / SPARSITY_PLOT]
-  fig.savefig(paths[0], dpi=100)
-  plt.close(fig)
-
-  train = [r for r in records if "sparsity/total" in r]
-  steps = [r["step"] for r in train]
-  taus = sorted({k for r in train for k in r if k.startswith("tau/")})
-  has_alpha = any("alpha" in r for r in train)
-  panels = 1 + has_alpha + bool(taus)
-  fig, axes = plt.subplots(panels, 1, figsize=(6, 2.5 * panels), sharex=True, squeeze=False)
-  axes = axes[:, 0]
-  axes[0].plot(steps, [100 * r["sparsity/total"] for r in train])
-  axes[0].set_ylabel("total sparsity (%)")
-  i = 1
-  if has_alpha:
-    axes[i].plot(steps, [r.get("alpha", float("nan")) for r in train])
-    axes[i].set_ylabel("alpha_t")
-    i += 1
-  if taus:
-    for k in taus:
-      axes[i].plot(steps, [r.get(k, float("nan")) for r in train], label=k.removeprefix("tau/"))
-    axes[i].set_ylabel("tau")
-    axes[i].legend(fontsize=7)
-  axes[-1].set_xlabel("step")
-  fig.tight_layout()
-  paths.append(workdir / CURVES_PLOT)
-  fig.savefig(paths[1], dpi=100)
-  plt.close(fig)
-  return paths
-
-
 def format_comparison(results: dict[str, dict[str, float]], seconds: dict[str, float]) -> str:
-  """A table for ``python -m autosparse_jax.compare``: one column per method (results of
+  """A table for ``python -m autosparse_jax.train.compare``: one column per method (results of
   ``train_and_evaluate``); accuracy, sparsity, inference MACs as a percentage of the dense
   model's, then per-layer sparsity, and the wall time."""
   methods = list(results)
@@ -330,143 +269,3 @@ def format_comparison(results: dict[str, dict[str, float]], seconds: dict[str, f
     lines.append(f"{label:<{width}}" + "".join(cells))
   lines.append(f"{'time':<{width}}" + "".join(f"{seconds[m]:>{col - 1}.1f}s" for m in methods))
   return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- the command
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-  """The steps of the checkpoints in ``<workdir>/checkpoints`` (looked at, nothing created)."""
-  from autosparse_jax.checkpoint import CHECKPOINT_DIR
-
-  directory = Path(workdir) / CHECKPOINT_DIR
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def checkpoint_report(
-  workdir: str | os.PathLike, step: int | None = None
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """The report of the checkpoint at ``step`` (default: the latest) in ``workdir``: per-layer
-  table, inference MACs, and the training-cost ratio up to ``step`` from ``metrics.jsonl``
-  (:func:`build_summary`'s dict plus ``training_cost_steps``), and the metrics records.
-
-  Raises:
-    FileNotFoundError: no ``config.json``, no checkpoint, or none at ``step``.
-  """
-  from autosparse_jax import config_lib, flops, logs, train
-
-  workdir = Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.exists():
-    raise FileNotFoundError(f"{config_path} does not exist: not a training workdir")
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; there are {steps}")
-  config = config_lib.config_from_json(config_path.read_text())
-  exp = train.build_experiment(config)
-  state = train.load_checkpoint(config, str(workdir), step, experiment=exp)
-  nonzero = {k: int(v) for k, v in jax.device_get(nonzero_counts(state.params)).items()}
-  import autosparse_jax as autosparse
-
-  state_summary = {
-    k: float(v)
-    for k, v in jax.device_get(autosparse.summary(state.params, state.opt_state)).items()
-  }
-  state_summary.pop("step", None)
-  shapes = {
-    path_string(p): tuple(x.shape)
-    for p, x in jax.tree_util.tree_flatten_with_path(exp.abstract_state.params)[0]
-  }
-  records = logs.read_jsonl(workdir / logs.METRICS_FILE)
-  ratio = None
-  if exp.dense_macs:
-    meter = flops.RunningTrainingCost(
-      exp.dense_macs, config.method, train.backward_sparsity(config)
-    )
-    meter.replay(records, up_to_step=step)
-    ratio = meter.ratio if meter.steps else None
-  evals = [r for r in records if "eval/accuracy" in r and r["step"] <= step]
-  out = build_summary(
-    experiment=train._experiment_info(exp, step),
-    shapes=shapes,
-    nonzero=nonzero,
-    summary=state_summary,
-    eval_metrics=evals[-1] if evals else {},
-    train_metrics={},
-    wall_time=0.0,
-    dense_macs=exp.dense_macs,
-    training_cost_ratio=ratio,
-  )
-  out["training_cost_steps"] = meter.last_step if exp.dense_macs else 0
-  return out, records
-
-
-def format_checkpoint_report(report: Mapping[str, Any], workdir: str | os.PathLike) -> str:
-  """The text the command prints."""
-  exp, sp = report["experiment"], report["sparsity"]
-  lines = [
-    f"{workdir}: checkpoint at step {exp['steps']} ({exp['epochs']:.4g} epochs); "
-    f"{exp['model']} on {exp['dataset']}, method {exp['method']}",
-    "",
-    *format_layer_table(sp["layers"]),
-    "",
-    f"sparsity (kernels) {_pct(sp['total'])}   "
-    f"({sp['kernels_nonzero']:,} of {sp['kernels_size']:,} weights nonzero)",
-  ]
-  if "inference_macs" in report:
-    m = report["inference_macs"]
-    lines.append(
-      f"inference MACs     {m['sparse']:,.0f} of {m['dense']:,} dense per example: "
-      f"ratio {m['ratio']:.4f}"
-    )
-    lines.append(
-      f"inference FLOPs    {2 * m['sparse']:,.0f} of {2 * m['dense']:,} dense per example "
-      f"(FLOPs = 2 x MACs): ratio {m['ratio']:.4f}"
-    )
-  if "training_cost" in report:
-    lines.append(
-      f"training cost      {report['training_cost']['ratio']:.4f} of dense training (MACs or "
-      f"FLOPs), averaged over steps 1-{report['training_cost_steps']} (from metrics.jsonl)"
-    )
-  else:
-    lines.append("training cost      unknown (no logged steps up to this checkpoint)")
-  if "accuracy" in report["eval"]:
-    lines.append(f"eval accuracy      {_pct(report['eval']['accuracy'])} (last eval logged)")
-  return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-  import argparse
-  import sys
-
-  parser = argparse.ArgumentParser(
-    prog="python -m autosparse_jax.report",
-    description="Prints the sparsity and FLOP report of a checkpoint in a training workdir.",
-  )
-  parser.add_argument("--workdir", required=True, help="the run's --workdir")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument(
-    "--plots", action="store_true", help=f"also write {SPARSITY_PLOT} and {CURVES_PLOT}"
-  )
-  args = parser.parse_args(argv)
-  try:
-    rep, records = checkpoint_report(args.workdir, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(format_checkpoint_report(rep, args.workdir), end="")
-  if args.plots:
-    step = int(rep["experiment"]["steps"])
-    for path in write_plots(args.workdir, rep, [r for r in records if r["step"] <= step]):
-      print(f"wrote {path}")
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -1,8 +1,8 @@
 """Trains one experiment with several methods and prints accuracy and sparsity side by side.
 
-  python -m autosparse_jax.compare                      # digits: dense vs AutoSparse, ~1 min
-  python -m autosparse_jax.compare --methods=dense,autosparse,str,topkast,gmp
-  python -m autosparse_jax.compare --config=configs/mnist_lenet300.py --workdir=/tmp/cmp
+  python -m autosparse_jax.train.compare                      # digits: dense vs AutoSparse, ~1 min
+  python -m autosparse_jax.train.compare --methods=dense,autosparse,str,topkast,gmp
+  python -m autosparse_jax.train.compare --config=configs/mnist_lenet300.py --workdir=/tmp/cmp
 
 Each method runs ``train_and_evaluate`` in ``<workdir>/<method>`` (default workdir: a fresh
 temporary directory), so every run also leaves its metrics, checkpoints and summary there.
@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory of the runs (default: a temporary one).")
@@ -33,10 +33,10 @@ config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from autosparse_jax import config_lib, logs, report, train
+  from autosparse_jax.train import logs, loop, recipes, summary
 
   logs.quiet_library_logs()
-  base = FLAGS.config if FLAGS.config is not None else config_lib.digits_default()
+  base = FLAGS.config if FLAGS.config is not None else recipes.digits_default()
   root = Path(FLAGS.workdir or tempfile.mkdtemp(prefix="autosparse_compare_"))
   results, seconds = {}, {}
   for method in FLAGS.methods:
@@ -44,10 +44,10 @@ def main(argv):
     config.method = method
     logging.info("=== %s ===", method)
     start = time.time()
-    results[method] = train.train_and_evaluate(config, str(root / method))
+    results[method] = loop.train_and_evaluate(config, str(root / method))
     seconds[method] = time.time() - start
   print(f"\n{base.model} on {base.dataset} (runs in {root})\n")
-  print(report.format_comparison(results, seconds))
+  print(summary.format_comparison(results, seconds))
 
 
 if __name__ == "__main__":

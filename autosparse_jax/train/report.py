@@ -1,0 +1,157 @@
+"""The report command: the sparsity and FLOP report of any checkpoint in a training workdir.
+
+Nothing is written unless ``--plots``::
+
+  python -m autosparse_jax.train.report --workdir=/tmp/digits [--step=N] [--plots]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from autosparse_jax.selection import path_string
+from autosparse_jax.train.plots import CURVES_PLOT, SPARSITY_PLOT, write_plots
+from autosparse_jax.train.summary import build_summary, format_layer_table, nonzero_counts, percent
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps of the checkpoints in ``<workdir>/checkpoints`` (looked at, nothing created)."""
+  from autosparse_jax.train.checkpoint import CHECKPOINT_DIR
+
+  directory = Path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def checkpoint_report(
+  workdir: str | os.PathLike, step: int | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The report of the checkpoint at ``step`` (default: the latest) in ``workdir``: per-layer
+  table, inference MACs, and the training-cost ratio up to ``step`` from ``metrics.jsonl``
+  (:func:`build_summary`'s dict plus ``training_cost_steps``), and the metrics records.
+
+  Raises:
+    FileNotFoundError: no ``config.json``, no checkpoint, or none at ``step``.
+  """
+  from autosparse_jax import flops
+  from autosparse_jax.train import config_lib, experiment, logs
+
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} does not exist: not a training workdir")
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; there are {steps}")
+  config = config_lib.config_from_json(config_path.read_text())
+  exp = experiment.build_experiment(config)
+  state = experiment.load_checkpoint(config, str(workdir), step, experiment=exp)
+  nonzero = {k: int(v) for k, v in jax.device_get(nonzero_counts(state.params)).items()}
+  import autosparse_jax as autosparse
+
+  state_summary = {
+    k: float(v)
+    for k, v in jax.device_get(autosparse.summary(state.params, state.opt_state)).items()
+  }
+  state_summary.pop("step", None)
+  shapes = {
+    path_string(p): tuple(x.shape)
+    for p, x in jax.tree_util.tree_flatten_with_path(exp.abstract_state.params)[0]
+  }
+  records = logs.read_jsonl(workdir / logs.METRICS_FILE)
+  ratio = None
+  if exp.dense_macs:
+    meter = flops.RunningTrainingCost(
+      exp.dense_macs, config.method, experiment.backward_sparsity(config)
+    )
+    meter.replay(records, up_to_step=step)
+    ratio = meter.ratio if meter.steps else None
+  evals = [r for r in records if "eval/accuracy" in r and r["step"] <= step]
+  out = build_summary(
+    experiment=experiment.experiment_info(exp, step),
+    shapes=shapes,
+    nonzero=nonzero,
+    summary=state_summary,
+    eval_metrics=evals[-1] if evals else {},
+    train_metrics={},
+    wall_time=0.0,
+    dense_macs=exp.dense_macs,
+    training_cost_ratio=ratio,
+  )
+  out["training_cost_steps"] = meter.last_step if exp.dense_macs else 0
+  return out, records
+
+
+def format_checkpoint_report(report: Mapping[str, Any], workdir: str | os.PathLike) -> str:
+  """The text the command prints."""
+  exp, sp = report["experiment"], report["sparsity"]
+  lines = [
+    f"{workdir}: checkpoint at step {exp['steps']} ({exp['epochs']:.4g} epochs); "
+    f"{exp['model']} on {exp['dataset']}, method {exp['method']}",
+    "",
+    *format_layer_table(sp["layers"]),
+    "",
+    f"sparsity (kernels) {percent(sp['total'])}   "
+    f"({sp['kernels_nonzero']:,} of {sp['kernels_size']:,} weights nonzero)",
+  ]
+  if "inference_macs" in report:
+    m = report["inference_macs"]
+    lines.append(
+      f"inference MACs     {m['sparse']:,.0f} of {m['dense']:,} dense per example: "
+      f"ratio {m['ratio']:.4f}"
+    )
+    lines.append(
+      f"inference FLOPs    {2 * m['sparse']:,.0f} of {2 * m['dense']:,} dense per example "
+      f"(FLOPs = 2 x MACs): ratio {m['ratio']:.4f}"
+    )
+  if "training_cost" in report:
+    lines.append(
+      f"training cost      {report['training_cost']['ratio']:.4f} of dense training (MACs or "
+      f"FLOPs), averaged over steps 1-{report['training_cost_steps']} (from metrics.jsonl)"
+    )
+  else:
+    lines.append("training cost      unknown (no logged steps up to this checkpoint)")
+  if "accuracy" in report["eval"]:
+    lines.append(f"eval accuracy      {percent(report['eval']['accuracy'])} (last eval logged)")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse
+  import sys
+
+  parser = argparse.ArgumentParser(
+    prog="python -m autosparse_jax.train.report",
+    description="Prints the sparsity and FLOP report of a checkpoint in a training workdir.",
+  )
+  parser.add_argument("--workdir", required=True, help="the run's --workdir")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument(
+    "--plots", action="store_true", help=f"also write {SPARSITY_PLOT} and {CURVES_PLOT}"
+  )
+  args = parser.parse_args(argv)
+  try:
+    rep, records = checkpoint_report(args.workdir, args.step)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(format_checkpoint_report(rep, args.workdir), end="")
+  if args.plots:
+    step = int(rep["experiment"]["steps"])
+    for path in write_plots(args.workdir, rep, [r for r in records if r["step"] <= step]):
+      print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
