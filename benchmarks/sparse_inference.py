@@ -6,6 +6,9 @@ timing does not depend on what the weights learned):
 
 * LeNet-300-100 (batch norm, as in ``configs/mnist_lenet300.py``) at 90 / 95 / 98%; the head
   (100x10) is pruned too;
+* with ``--workdir``: the latest checkpoint of a training run, exported with the command line's
+  code, checked (bit-exact reload; the labels of every path equal the dense model's on the whole
+  evaluation set) and timed with its trained weights;
 * a transformer MLP block ``Dense(d, 4d) -> gelu -> Dense(4d, d)`` (GPT/ViT MLP shape, no
   attention) at 90 / 95 / 98%, ``d`` set by ``--mlp-width`` (default 1024: 8.4M weights; the
   issue's 4096x16384 layers take minutes per point on a loaded 2-core machine).
@@ -21,13 +24,15 @@ Timing: per (model, sparsity, batch) the arms run interleaved (random order per 
 of calls each), median time per call; speedup = dense / arm per round, median over rounds with a
 95% bootstrap CI. Every arm's output is checked against the dense one (max abs difference).
 
-  python benchmarks/sparse_inference.py --out benchmarks/results/sparse_inference.json
+  python benchmarks/sparse_inference.py --out benchmarks/results/sparse_inference.json \
+      [--workdir=RUN]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import tempfile
 import time
@@ -150,38 +155,117 @@ def cases(args) -> list[dict[str, Any]]:
   ]
 
 
+def bytes_on_disk(exported, dense) -> tuple[int, int]:
+  with tempfile.TemporaryDirectory() as tmp:
+    return export.save(Path(tmp) / "model.npz", exported), export.save(
+      Path(tmp) / "dense.npz", dense
+    )
+
+
+def verify_workdir(workdir: str) -> tuple[dict[str, Any], Any, Any]:
+  """Exports a training workdir's latest checkpoint and checks it: the file reloads to the
+  checkpoint's bits, and every inference path gives the dense model's labels on the whole
+  evaluation set. Returns (the checks, the model, the reloaded export)."""
+  from autosparse_jax import config_lib, train
+  from autosparse_jax.export.__main__ import export_workdir
+
+  config = config_lib.config_from_json((Path(workdir) / "config.json").read_text())
+  exp = train.build_experiment(config)
+  state = train.load_checkpoint(config, workdir, experiment=exp)
+  saved = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  with tempfile.TemporaryDirectory() as tmp:
+    export.save(Path(tmp) / "model.npz", export_workdir(workdir))
+    model, exported = export.load_model(Path(tmp) / "model.npz")
+  back = exported.variables()
+  bit_exact = jax.tree.structure(back) == jax.tree.structure(saved) and all(
+    a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(saved), strict=True)
+  )
+  batch = config.eval_batch_size
+  paths = {
+    "BCSR all": export.SparseModel(model, exported, batch_size=batch, policy=ALL),
+    "BCSR auto": export.SparseModel(model, exported, batch_size=batch),
+    "scipy all": export.HostModel(model, exported, batch_size=batch, policy=ALL),
+  }
+  dense = jax.jit(functools.partial(model.apply, saved))
+  same = dict.fromkeys(paths, 0)
+  correct = count = 0
+  iterator = exp.eval_ds.iterate()
+  for b in iterator:
+    keep = b["mask"] > 0 if "mask" in b else np.ones(len(b["label"]), bool)
+    want = np.asarray(dense(b["image"])).argmax(-1)[keep]
+    correct += int((want == b["label"][keep]).sum())
+    count += int(keep.sum())
+    for name, fn in paths.items():
+      same[name] += int((np.asarray(fn(b["image"])).argmax(-1)[keep] == want).sum())
+  iterator.close()
+  kernels = [leaf for leaf in exported.leaves if len(leaf.shape) >= 2]
+  checks = {
+    "workdir_config": {"model": config.model, "method": config.method, "dataset": config.dataset},
+    "step": exported.model["step"],
+    "sparsity": 1 - sum(k.nnz for k in kernels) / sum(k.size for k in kernels),
+    "bit_exact_reload": bool(bit_exact),
+    "eval_examples": count,
+    "eval_accuracy_dense": correct / count,
+    "same_labels_as_dense": {name: n / count for name, n in same.items()},
+  }
+  print(json.dumps(checks, indent=1), flush=True)
+  return checks, model, exported
+
+
 def run(args) -> dict[str, Any]:
   head = C.header()
   sparsities = (0.95,) if args.smoke else tuple(args.sparsity)
   batches = (1, 8) if args.smoke else tuple(args.batch)
   log = print if args.verbose else None
-  results = []
+  results, trained = [], None
+
+  def bench(name, model, input_shape, sparsity, weights, variables, exported, dense_export):
+    disk, dense_disk = bytes_on_disk(exported, dense_export)
+    points = []
+    for batch in batches:
+      print(f"{name} {sparsity:.1%} batch {batch}", flush=True)
+      points.append(bench_point(model, variables, exported, input_shape, batch, args, log))
+    results.append(
+      {
+        "model": name,
+        "sparsity": sparsity,
+        "weights": weights,
+        "bytes_on_disk": disk,
+        "dense_bytes_on_disk": dense_disk,
+        "bytes_arrays": exported.nbytes(),
+        "dense_bytes_arrays": exported.dense_nbytes(),
+        "points": points,
+      }
+    )
+
+  if args.workdir:
+    trained, model, exported = verify_workdir(args.workdir)
+    variables = exported.variables()
+    # the same shapes without zeros: every leaf stored dense, the dense model's file size
+    dense_export = export.encode(
+      jax.tree.map(lambda x: np.where(x == 0, np.ones_like(x), x), variables), exported.model
+    )
+    name = f"{type(model).__name__} (trained, {trained['workdir_config']['method']})"
+    shape = tuple(exported.model["input_shape"])
+    bench(name, model, shape, trained["sparsity"], "trained", variables, exported, dense_export)
   for case in cases(args):
     model = case["make"]()
     example = jnp.zeros((1, *case["input_shape"]), jnp.float32)
     variables = jax.device_get(model.init(jax.random.key(0), example))
+    info = {**case["info"], "input_shape": list(case["input_shape"])}
+    dense_export = export.encode(variables, info)
     for sparsity in sparsities:
       pruned = magnitude_prune(variables, sparsity)
-      info = {**case["info"], "input_shape": list(case["input_shape"])}
-      exported = export.encode(pruned, info)
-      with tempfile.TemporaryDirectory() as tmp:
-        disk = export.save(Path(tmp) / "model.npz", exported)
-        dense_disk = export.save(Path(tmp) / "dense.npz", export.encode(variables, info))
-      points = []
-      for batch in batches:
-        print(f"{case['model']} {sparsity:.0%} batch {batch}", flush=True)
-        points.append(bench_point(model, pruned, exported, case["input_shape"], batch, args, log))
-      results.append(
-        {
-          "model": case["model"],
-          "sparsity": sparsity,
-          "weights": "magnitude-pruned initialisation",
-          "bytes_on_disk": disk,
-          "dense_bytes_on_disk": dense_disk,
-          "bytes_arrays": exported.nbytes(),
-          "dense_bytes_arrays": exported.dense_nbytes(),
-          "points": points,
-        }
+      bench(
+        case["model"],
+        model,
+        case["input_shape"],
+        sparsity,
+        "magnitude-pruned initialisation",
+        pruned,
+        export.encode(pruned, info),
+        dense_export,
       )
   return {
     **C.finish(head),
@@ -189,6 +273,7 @@ def run(args) -> dict[str, Any]:
     "smoke": bool(args.smoke),
     "arms": list(ARMS),
     "policies": {"BCSR auto": export.BCSR_POLICY._asdict(), "scipy": "all Dense layers"},
+    "trained_checks": trained,
     "results": results,
   }
 
@@ -201,7 +286,7 @@ def render(payload: dict[str, Any]) -> str:
       rows.append(
         [
           case["model"],
-          f"{case['sparsity']:.0%}",
+          f"{case['sparsity']:.1%}",
           p["batch"],
           C.fmt_ms(a["dense"]["time_s"]["median"]),
           *(
@@ -231,6 +316,16 @@ def render(payload: dict[str, Any]) -> str:
     ],
     rows,
   )
+  checks = ""
+  if payload.get("trained_checks"):
+    t = payload["trained_checks"]
+    same = ", ".join(f"{k} {v:.2%}" for k, v in t["same_labels_as_dense"].items())
+    checks = (
+      f"\nTrained model ({t['workdir_config']}, step {t['step']}, {t['sparsity']:.2%} sparse): "
+      f"reload bit-exact: {'yes' if t['bit_exact_reload'] else 'NO'}; dense accuracy "
+      f"{t['eval_accuracy_dense']:.2%} on {t['eval_examples']} evaluation examples; labels equal "
+      f"to the dense model's: {same}.\n"
+    )
   smoke = " (SMOKE RUN: tiny sizes, not a measurement)" if payload["smoke"] else ""
   return (
     C.md_header(f"Sparse inference: dense jit vs BCSR vs scipy CSR{smoke}", payload)
@@ -239,7 +334,7 @@ def render(payload: dict[str, Any]) -> str:
     "'BCSR auto' is the default per-layer policy "
     f"{payload['policies']['BCSR auto']}. Disk: the exported .npz against the dense tree's "
     "export; memory: the arrays the BCSR arm holds (dense leaves + BCSR) against the dense "
-    "variables.\n\n" + table + "\n"
+    "variables.\n" + checks + "\n" + table + "\n"
   )
 
 
@@ -253,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--budget-s", type=float, default=4.0, help="per point")
   ap.add_argument("--block-ms", type=float, default=50.0, help="length of one timed block")
+  ap.add_argument(
+    "--workdir",
+    default=None,
+    help="a training workdir: export its latest checkpoint, check the file (bit-exact reload, "
+    "same labels on the evaluation set) and time it first",
+  )
   ap.add_argument("--verbose", action="store_true")
   ap.add_argument("--render", action="store_true", help=C.RENDER_HELP)
   args = ap.parse_args(argv)

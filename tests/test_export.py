@@ -337,7 +337,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(trained_workdir, tmp_path):
   assert not (tmp_path / "a.npz").exists() and not (tmp_path / "b.npz").exists()
 
 
-def test_benchmark_smoke_run_writes_its_results(tmp_path):
+def test_benchmark_smoke_run_writes_its_results(trained_workdir, tmp_path):
   out = tmp_path / "sparse_inference.json"
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
@@ -348,6 +348,7 @@ def test_benchmark_smoke_run_writes_its_results(tmp_path):
       "--smoke",
       "--out",
       str(out),
+      f"--workdir={trained_workdir[1]}",
     ],
     capture_output=True,
     text=True,
@@ -364,4 +365,8 @@ def test_benchmark_smoke_run_writes_its_results(tmp_path):
       assert set(point["arms"]) == {"dense", "BCSR all", "BCSR auto", "scipy all"}
       for arm in point["arms"].values():
         assert arm["max_abs_diff"] < 1e-4 and arm["speedup"]["ratio"] > 0
+  checks = payload["trained_checks"]
+  assert checks["bit_exact_reload"] and checks["eval_examples"] == 359
+  assert set(checks["same_labels_as_dense"].values()) == {1.0}
+  assert payload["results"][0]["weights"] == "trained"
   assert out.with_suffix(".md").read_text().startswith("## Sparse inference")
