@@ -91,7 +91,12 @@ def time_block(fn, x, calls: int) -> float:
 def bench_point(model, variables, exported, input_shape, batch, args, log) -> dict[str, Any]:
   rng = np.random.default_rng(batch)
   x = jnp.asarray(rng.standard_normal((batch, *input_shape)), jnp.float32)
-  dense_fn = jax.jit(functools.partial(model.apply, jax.device_put(variables)))
+  # the variables are an argument, as in the sparse arms (a closure would make them constants)
+  dense_apply, on_device = jax.jit(model.apply), jax.device_put(variables)
+
+  def dense_fn(x):
+    return dense_apply(on_device, x)
+
   fns = {
     "dense": dense_fn,
     "BCSR all": export.SparseModel(model, exported, batch_size=batch, policy=ALL),
@@ -187,7 +192,8 @@ def verify_workdir(workdir: str) -> tuple[dict[str, Any], Any, Any]:
     "BCSR auto": export.SparseModel(model, exported, batch_size=batch),
     "scipy all": export.HostModel(model, exported, batch_size=batch, policy=ALL),
   }
-  dense = jax.jit(functools.partial(model.apply, saved))
+  dense_apply = jax.jit(model.apply)
+  dense = functools.partial(dense_apply, jax.device_put(saved))
   same = dict.fromkeys(paths, 0)
   correct = count = 0
   iterator = exp.eval_ds.iterate()
@@ -330,7 +336,8 @@ def render(payload: dict[str, Any]) -> str:
   return (
     C.md_header(f"Sparse inference: dense jit vs BCSR vs scipy CSR{smoke}", payload)
     + "\nSpeedup = dense time / arm time (>1: the sparse path is faster), median over "
-    "interleaved rounds with a 95% bootstrap CI. Weights: magnitude-pruned initialisation. "
+    "interleaved rounds with a 95% bootstrap CI. Weights: 'trained' rows are the --workdir run's, "
+    "the others a magnitude-pruned initialisation. "
     "'BCSR auto' is the default per-layer policy "
     f"{payload['policies']['BCSR auto']}. Disk: the exported .npz against the dense tree's "
     "export; memory: the arrays the BCSR arm holds (dense leaves + BCSR) against the dense "
