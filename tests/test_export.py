@@ -327,6 +327,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(trained_workdir, tmp_path):
     "not a training workdir": [f"--workdir={tmp_path}", f"--out={tmp_path / 'b.npz'}"],
     "exists; not overwriting": [f"--workdir={workdir}", f"--out={existing}"],
     "the following arguments are required: --out": [f"--workdir={workdir}"],
+    "--step=5: no checkpoint at that step; there are [4, 8, 10]": [
+      f"--workdir={workdir}",
+      f"--out={tmp_path / 'c.npz'}",
+      "--step=5",
+    ],
   }
   for expected, args in cases.items():
     proc = run_cli(*args)

@@ -42,6 +42,12 @@ def export_workdir(workdir: str, step: int | None = None) -> format_lib.SparseFi
     raise FileNotFoundError(f"--workdir={workdir}: no such directory")
   if not config_path.exists():
     raise FileNotFoundError(f"--workdir={workdir}: no config.json, not a training workdir")
+  if step is not None:
+    steps = sorted(
+      int(d.name) for d in (Path(workdir) / "checkpoints").glob("*") if d.name.isdigit()
+    )
+    if step not in steps:
+      raise FileNotFoundError(f"--step={step}: no checkpoint at that step; there are {steps}")
   config = config_lib.config_from_json(config_path.read_text())
   exp = train.build_experiment(config)
   state = train.load_checkpoint(config, str(workdir), step, experiment=exp)
