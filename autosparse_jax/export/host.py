@@ -30,8 +30,10 @@ from autosparse_jax.export import plan as plan_lib
 SCIPY_POLICY = plan_lib.Policy(min_sparsity=0.95, min_size=1 << 21, min_batch=1, max_batch=8)
 
 
+@jax.tree_util.register_static
 class _HostMatrix:
-  """A scipy CSR ``M`` and the bias; ``(M @ x^T)^T + b`` on numpy arrays."""
+  """A scipy CSR ``M`` and the bias; ``(M @ x^T)^T + b`` on numpy arrays. A static pytree
+  node: it travels in the operands as part of the tree's structure, not as an array."""
 
   def __init__(self, csr: Any, bias: np.ndarray | None):
     data = csr.data if csr.data.dtype in (np.float32, np.float64) else csr.data.astype(np.float32)
@@ -57,12 +59,13 @@ def _scipy_dense(module: nn.Dense, inputs: jax.Array, host: _HostMatrix) -> jax.
 class HostModel(jax_sparse.SparseModel):
   """``model`` with its sparse Dense layers as scipy CSR products on the host CPU.
 
-  Same arguments and attributes as :class:`~.jax_sparse.SparseModel`; ``policy`` defaults to
-  :data:`SCIPY_POLICY`. The scipy matrices live outside the jitted function's operands (in
-  ``host_matrices``), so :meth:`nbytes` counts them separately.
+  Same arguments and attributes as :class:`~.jax_sparse.SparseModel`; ``batch_size``
+  defaults to 1 and ``policy`` to :data:`SCIPY_POLICY`. The scipy matrices stay in host
+  memory; the jitted function calls them back.
   """
 
   sparse_name = "scipy CSR"
+  _layer = staticmethod(_scipy_dense)
 
   def __init__(
     self,
@@ -74,7 +77,6 @@ class HostModel(jax_sparse.SparseModel):
     input_shape: tuple[int, ...] | None = None,
     **apply_kwargs: Any,
   ):
-    self.host_matrices: dict[str, _HostMatrix] = {}
     super().__init__(
       model,
       exported,
@@ -83,19 +85,10 @@ class HostModel(jax_sparse.SparseModel):
       input_shape=input_shape,
       **apply_kwargs,
     )
-    self.operands = {"variables": self.operands["variables"], "sparse": {}}
-
-    def apply(operands, x):
-      with plan_lib.sparse_dense_layers(self.host_matrices, _scipy_dense):
-        return self.model.apply(operands["variables"], x, **self.apply_kwargs)
-
-    self._forward = jax.jit(apply)
 
   def _operand(self, exported: format_lib.SparseFile, module: plan_lib.ModulePath) -> Any:
     csr = exported.leaf(("params", *module, "kernel")).value
-    host = _HostMatrix(csr, plan_lib.bias_of(exported, module))
-    self.host_matrices["/".join(module)] = host
-    return None
+    return _HostMatrix(csr, plan_lib.bias_of(exported, module))
 
   def nbytes(self) -> int:
     """Bytes of the dense operands plus the scipy matrices and biases."""
@@ -104,6 +97,6 @@ class HostModel(jax_sparse.SparseModel):
       + h.matrix.indices.nbytes
       + h.matrix.indptr.nbytes
       + (0 if h.bias is None else h.bias.nbytes)
-      for h in self.host_matrices.values()
+      for h in self.operands["sparse"].values()
     )
     return super().nbytes() + host

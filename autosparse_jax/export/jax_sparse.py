@@ -14,7 +14,6 @@ GPU at best and to gathers on TPU. This path targets CPUs; measure before using 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -83,24 +82,28 @@ class SparseModel:
     classes = plan_lib.module_classes(model, abstract, example, **apply_kwargs)
     self.decisions = plan_lib.decide(exported, classes, batch_size, policy, self.sparse_name)
     sparse_modules = {tuple(d.path.split("/")) for d in self.decisions if d.sparse}
-    self.operands = {
-      "variables": plan_lib.dense_variables(exported, sparse_modules),
-      "sparse": {"/".join(m): self._operand(exported, m) for m in sorted(sparse_modules)},
-    }
-    self.operands = jax.device_put(self.operands)
-    self._forward = jax.jit(functools.partial(self._apply, self.model, self.apply_kwargs))
+    self.operands = jax.device_put(
+      {
+        "variables": plan_lib.dense_variables(exported, sparse_modules),
+        "sparse": {"/".join(m): self._operand(exported, m) for m in sorted(sparse_modules)},
+      }
+    )
+    self._forward = jax.jit(self._apply)
 
   def _operand(self, exported: format_lib.SparseFile, module: plan_lib.ModulePath) -> Any:
+    """What the layer's product reads: the BCSR of ``W^T`` and the bias."""
     csr = exported.leaf(("params", *module, "kernel")).value
     matrix = sparse.BCSR(
       (jnp.asarray(csr.data), jnp.asarray(csr.indices), jnp.asarray(csr.indptr)), shape=csr.shape
     )
     return matrix, plan_lib.bias_of(exported, module)
 
-  @staticmethod
-  def _apply(model: nn.Module, apply_kwargs: dict, operands: Any, x: jax.Array) -> jax.Array:
-    with plan_lib.sparse_dense_layers(operands["sparse"], _bcsr_dense):
-      return model.apply(operands["variables"], x, **apply_kwargs)
+  #: ``(module, inputs, operand) -> outputs`` of a sparse Dense layer.
+  _layer = staticmethod(_bcsr_dense)
+
+  def _apply(self, operands: Any, x: jax.Array) -> jax.Array:
+    with plan_lib.sparse_dense_layers(operands["sparse"], self._layer):
+      return self.model.apply(operands["variables"], x, **self.apply_kwargs)
 
   def __call__(self, x: Any) -> jax.Array:
     """``model.apply(variables, x)`` with the sparse layers as BCSR products (jitted)."""
