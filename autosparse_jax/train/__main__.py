@@ -38,13 +38,13 @@ def main(argv):
   logs.quiet_library_logs()
   cli.no_arguments(argv)
   config = cli.loaded_config()
+  cli.check_workdir(FLAGS.workdir)
   import jax
 
   if FLAGS.distributed:
     jax.distributed.initialize()
   config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
   config_lib.check_method_blocks(cli.config_overrides(), [config.method])
-  cli.check_workdir(FLAGS.workdir)
   from autosparse_jax.train import loop
 
   loop.train_and_evaluate(config, FLAGS.workdir)
