@@ -252,6 +252,7 @@ def test_any_exception_with_an_exit_code_is_one_line(capsys):
   with pytest.raises(SystemExit) as info:
     cli.handle(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), verbose=False)
   assert info.value.code == 130
+  assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
 
 
 def test_unknown_exceptions_keep_their_traceback():
@@ -268,3 +269,18 @@ def test_other_methods_block_at_its_default_is_accepted():
   config_lib.check_method_blocks({"sparsity.exclude": ("^head/",)}, ["dense"])
   with pytest.raises(config_lib.ConfigError, match=r"sparsity.topkast.penalty=0.1.*'gmp'"):
     config_lib.check_method_blocks({"sparsity.topkast.penalty": 0.1}, ["dense", "gmp"])
+
+
+def test_unknown_override_names_the_first_bad_path():
+  argv = ["prog", "--config.method=str", "--config.sparsity.str.granularty=channel"]
+  error = cli.unknown_override(argv)
+  assert isinstance(error, config_lib.ConfigError)
+  assert str(error).startswith("--config.sparsity.str.granularty=channel: config.sparsity.str ")
+  assert "did you mean config.sparsity.str.granularity?" in str(error)
+  assert cli.unknown_override(["prog", "--config.method=str"]) is None
+  # model_kwargs' fields come from the config file: blamed only when the error names the key
+  argv = ["prog", "--config.model_kwargs.width=0.5"]
+  assert cli.unknown_override(argv, IndexError("x")) is None
+  error = cli.unknown_override(argv, KeyError("'width'"))
+  assert "model_kwargs has no field 'width'" in str(error)
+  assert str(error).endswith("""--config.model_kwargs="{'width': 0.5}\"""")

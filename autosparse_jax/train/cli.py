@@ -76,6 +76,8 @@ def one_line(error: BaseException) -> str:
   """The error's message on one line (a KeyError's quotes removed; the class name if empty)."""
   text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
   text = " ".join(str(text).split())
+  if not text and isinstance(error, KeyboardInterrupt):
+    return "interrupted (Ctrl-C)"
   return text or type(error).__name__
 
 
@@ -134,7 +136,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- a bad flag, or anything a config file raises
-    problem = _missing_config_file(argv) or unknown_override(argv)
+    problem = _missing_config_file(argv) or unknown_override(argv, e)
     if problem is None:
       problem = CommandError(_flag_error(e) + " (see --help)")
     raise problem from e
@@ -172,10 +174,10 @@ def _missing_config_file(argv: Sequence[str]) -> CommandError | None:
   return None
 
 
-def unknown_override(argv: Sequence[str]) -> Exception | None:
+def unknown_override(argv: Sequence[str], error: Exception | None = None) -> Exception | None:
   """A :class:`ConfigError` for the first ``--config.<path>`` whose path is not a field of
-  :func:`~autosparse_jax.train.config_lib.base_config` (None if every path is one, or lies
-  under ``model_kwargs``, whose fields the config file defines)."""
+  :func:`~autosparse_jax.train.config_lib.base_config`, or, under ``model_kwargs`` (whose
+  fields the config file defines), whose name is the missing key of ``error``; None if none."""
   from autosparse_jax.train import config_lib
 
   base = config_lib.base_config()
@@ -185,15 +187,21 @@ def unknown_override(argv: Sequence[str]) -> Exception | None:
       continue
     path, value = match.group(1), match.group(2)
     node, done = base, []
+    shown = f"--config.{path}" + ("" if value is None else f"={value}")
     for part in path.split("."):
       if done == ["model_kwargs"]:
+        if isinstance(error, KeyError | AttributeError) and repr(part) in str(error):
+          example = f"{{'{part}': {value}}}"
+          return config_lib.ConfigError(
+            f"{shown}: the config's model_kwargs has no field {part!r}; set the whole dict, "
+            f'e.g. --config.model_kwargs="{example}"'
+          )
         break
       if not hasattr(node, "keys") or part not in node:
         fields = sorted(node.keys()) if hasattr(node, "keys") else []
         block = ".".join(["config", *done])
         close = difflib.get_close_matches(part, fields, n=3)
         hint = f"did you mean {' or '.join(f'{block}.{c}' for c in close)}? " if close else ""
-        shown = f"--config.{path}" + ("" if value is None else f"={value}")
         return config_lib.ConfigError(
           f"{shown}: {block} has no field {part!r}; {hint}{block}'s fields: {', '.join(fields)}"
         )
