@@ -153,9 +153,10 @@ def _flag_error(error: Exception) -> str:
     head = head.split(": Error whilst parsing config file")[0].rstrip(":")
     return f"{head}: {lines[-1].strip()}"
   text = " ".join(" ".join(lines).split()).removeprefix("flag ")
-  required = re.fullmatch(r"--(\w+)=None: Flag --\1 must have a value other than None\.?", text)
+  required = re.findall(r"Flag --(\w+) must have a value other than None", text)
   if required:
-    return f"--{required.group(1)} is required"
+    names = " and ".join(f"--{name}" for name in required)
+    return f"{names} {'is' if len(required) == 1 else 'are'} required"
   return text
 
 
