@@ -9,6 +9,7 @@ Most cases fail before anything is compiled; one short digits run covers the goo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -231,6 +232,12 @@ def test_report_errors_are_one_line(short_run, tmp_path):
   assert_one_error_line(proc, "no such directory", "the --workdir of a run")
   proc = command("autosparse_jax.train.report", "--workdir")
   assert_one_error_line(proc, "--workdir")
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir, broken)
+  (broken / "config.json").write_text('{"model": ')  # torn
+  proc = command("autosparse_jax.train.report", f"--workdir={broken}")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --workdir={broken}: ")
   proc = command("autosparse_jax.train.report", "--help")
   assert proc.returncode == 0 and "--step" in proc.stdout and "--verbose" in proc.stdout
 

@@ -46,6 +46,12 @@ class WorkdirError(CommandError):
   """``--workdir`` cannot be used (a URL, a file, not writable, missing)."""
 
 
+class CommandFailed(CommandError):
+  """The command could not do what was asked (e.g. read a damaged checkpoint): exit 1."""
+
+  exit_code = 1
+
+
 def _known_errors() -> list[tuple[type[BaseException], int]]:
   from autosparse_jax.data import DatasetUnavailableError
 

@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
       raise
     except FileNotFoundError as e:  # no config.json, no checkpoint (at --step)
       raise cli.WorkdirError(f"--workdir={args.workdir}: {e}") from e
+    except ValueError as e:  # e.g. a config.json or checkpoint that cannot be read
+      if cli.exit_code(e) is not None:
+        raise
+      raise cli.CommandFailed(f"--workdir={args.workdir}: {cli.one_line(e)}") from e
     print(format_checkpoint_report(rep, args.workdir), end="")
     if args.plots:
       step = int(rep["experiment"]["steps"])
