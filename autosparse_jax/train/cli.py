@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from autosparse_jax.data import DatasetUnavailableError
+
 EXIT_USAGE = 2
 """Exit code of a bad argument, flag, config field or workdir."""
 VERBOSE_ENV = "AUTOSPARSE_VERBOSE"
@@ -52,19 +54,13 @@ class CommandFailed(CommandError):
   exit_code = 1
 
 
-def _known_errors() -> list[tuple[type[BaseException], int]]:
-  from autosparse_jax.data import DatasetUnavailableError
-
-  return [
-    (DatasetUnavailableError, 1),  # says where the data is looked for and how to prepare it
-    (FloatingPointError, 1),  # a run stopped by non-finite losses (the message says what to do)
-    (KeyboardInterrupt, 130),
-  ]
-
-
-KNOWN_ERRORS: Callable[[], list[tuple[type[BaseException], int]]] = _known_errors
+KNOWN_ERRORS: list[tuple[type[BaseException], int]] = [
+  (DatasetUnavailableError, 1),  # says where the data is looked for and how to prepare it
+  (FloatingPointError, 1),  # a run stopped by non-finite losses (the message says what to do)
+  (KeyboardInterrupt, 130),
+]
 """Exception classes without an ``exit_code`` attribute that are reported as one line, with
-their exit codes (a function, so that the classes import only when an error is handled)."""
+their exit codes (first match wins)."""
 
 
 def exit_code(error: BaseException) -> int | None:
@@ -72,7 +68,7 @@ def exit_code(error: BaseException) -> int | None:
   code = getattr(error, "exit_code", None)
   if isinstance(code, int) and not isinstance(code, bool):
     return code
-  for cls, code in KNOWN_ERRORS():
+  for cls, code in KNOWN_ERRORS:
     if isinstance(error, cls):
       return code
   return None
