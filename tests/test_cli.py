@@ -110,7 +110,7 @@ def test_a_field_of_another_methods_block_is_refused(tmp_path):
 def test_a_wrong_type_an_unknown_flag_and_missing_flags_are_one_line(tmp_path):
   proc = train(f"--config={DEFAULT}", f"--workdir={tmp_path}", "--config.num_train_steps=ten")
   assert_one_error_line(proc, "--config.num_train_steps=ten", "int")
-  proc = train(f"--config={DEFAULT}", "--wrkdir=/tmp/x")
+  proc = train(f"--config={DEFAULT}", "--wrkdir=runs/x")
   assert_one_error_line(proc, "wrkdir")
   assert_one_error_line(train(), "--config and --workdir are required")
 
