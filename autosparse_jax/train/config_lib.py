@@ -6,14 +6,15 @@ method is chosen by ``config.method``; each method reads its hyperparameters fro
 ``config.sparsity.<method>``, so one config file carries per-method defaults and
 ``--config.method=str`` switches to STR with STR's defaults.
 
-:func:`validate` checks names, ranges and divisibility and raises ``ValueError`` naming the
-field, before anything is built, compiled or written.
+:func:`validate` checks names, ranges and divisibility and raises :class:`ConfigError` (a
+``ValueError``) naming the field, its value and what is accepted, before anything is built,
+compiled or written.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -39,6 +40,13 @@ RUN_IDENTITY_FIELDS = (
   "global_batch_size",
   "seed",
 )
+
+
+class ConfigError(ValueError):
+  """A bad config field: ``config.<field>=<value>: <what is accepted>``. The commands print it
+  as one line and exit with ``exit_code``."""
+
+  exit_code = 2
 
 
 def _alpha_block(alpha0: float) -> dict[str, Any]:
@@ -164,7 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, value: Any, why: str) -> None:
-  raise ValueError(f"config.{field}={value!r}: {why}")
+  raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
@@ -203,7 +211,7 @@ def validate(
     process_count: processes in the job.
 
   Raises:
-    ValueError: naming the first bad field, its value and what it must be. The method's own
+    ConfigError: naming the first bad field, its value and what it must be. The method's own
       hyperparameters are checked when the method is built (:mod:`autosparse_jax.train.optim`).
   """
   from autosparse_jax.data import DATASET_NAMES
@@ -212,7 +220,7 @@ def validate(
   base = base_config()
   missing = [k for k in base if k not in config]
   if missing:
-    raise ValueError(f"config lacks the fields {missing}; start from config_lib.base_config()")
+    raise ConfigError(f"config lacks the fields {missing}; start from config_lib.base_config()")
   unknown = [k for k in config if k not in base]
   unknown += [
     f"sparsity.{m}.{k}"
@@ -222,7 +230,7 @@ def validate(
     if k not in base.sparsity[m]
   ]
   if unknown:
-    raise ValueError(f"config.{unknown[0]}: unknown field (a typo?); fields: base_config()")
+    raise ConfigError(f"config.{unknown[0]}: unknown field (a typo?); fields: base_config()")
   _check_choice(config, "model", tuple(sorted(MODELS)))
   _check_choice(config, "dataset", DATASET_NAMES)
   _check_choice(config, "method", METHODS)
@@ -285,6 +293,45 @@ def validate(
       _fail(field, value, f"must be divisible by the number of devices ({devices})")
     if value % process_count:
       _fail(field, value, f"must be divisible by the number of processes ({process_count})")
+
+
+def check_method_blocks(overrides: Mapping[str, Any], methods: Sequence[str]) -> None:
+  """Refuses a field set in a method block that no method of the run reads.
+
+  ``--config.method=str --config.sparsity.autosparse.target_sparsity=0.5`` would otherwise be
+  silently ignored (STR reads ``config.sparsity.str``).
+
+  Args:
+    overrides: the values set on the command line, by path (``sparsity.autosparse.alpha0``).
+    methods: the methods the run trains (``[config.method]``; compare: its ``--methods``).
+
+  Raises:
+    ConfigError: naming the field and value, unless the value is the field's default.
+  """
+  defaults = base_config()
+  for path, value in overrides.items():
+    parts = path.split(".")
+    if len(parts) < 2 or parts[0] != "sparsity" or parts[1] not in METHODS or parts[1] in methods:
+      continue
+    try:
+      default = _get(defaults, path)
+    except (KeyError, AttributeError):
+      default = None
+    if isinstance(default, ml_collections.ConfigDict):
+      default = default.to_dict()
+    if isinstance(value, ml_collections.ConfigDict):
+      value = value.to_dict()
+    if value == default:
+      continue
+    field = ".".join(parts[2:])
+    trained = ", ".join(repr(m) for m in methods)
+    instead = ""
+    if len(methods) == 1 and field and field in defaults.sparsity[methods[0]]:
+      instead = f"; set config.sparsity.{methods[0]}.{field}"
+    raise ConfigError(
+      f"config.{path}={value!r}: only method {parts[1]!r} reads config.sparsity.{parts[1]}, "
+      f"and this run trains {trained}{instead}"
+    )
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -218,7 +218,7 @@ def train_and_evaluate(
     result["training_cost/ratio"] = summary["training_cost"]["ratio"]
   if jax.process_index() == 0:
     text = write_summary(workdir, summary)
-    logging.info("summary (%s):\n%s", workdir / SUMMARY_TXT, text)
+    logs.say(f"\n{text.rstrip()}\n(written to {workdir / SUMMARY_TXT})")
     try:
       write_plots(workdir, summary, logs.read_jsonl(workdir / logs.METRICS_FILE))
     except Exception as e:  # noqa: BLE001 -- the plots are a report, not the training
@@ -333,7 +333,7 @@ def _train_loop(
           timing = progress.update(step)
           writer.write_scalars(step, {**scalars, **timing})
           if is_main:
-            logging.info("%s", progress.line(step, timing))
+            logs.say(progress.line(step, {**scalars, **timing}))
           last = scalars
           if in_a_row >= config.max_consecutive_nonfinite:
             raise FloatingPointError(

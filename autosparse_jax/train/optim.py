@@ -30,6 +30,7 @@ import optax
 
 import autosparse_jax as autosparse
 from autosparse_jax.selection import path_string
+from autosparse_jax.train.config_lib import ConfigError
 
 ALPHA_ZERO_AT_FRACTION = 0.9
 GMP_BEGIN_FRACTION = 0.1
@@ -71,7 +72,7 @@ def learning_rate_schedule(
   peak = peak_learning_rate(config)
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps:
-    raise ValueError(
+    raise ConfigError(
       f"config.warmup_epochs={config.warmup_epochs}: {warmup} warmup steps leave none of the "
       f"{total_steps} training steps for the decay"
     )
@@ -83,7 +84,7 @@ def learning_rate_schedule(
     return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
     )
-  raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: must be 'cosine' or 'constant'")
+  raise ConfigError(f"config.lr_schedule={config.lr_schedule!r}: must be 'cosine' or 'constant'")
 
 
 def kernel_mask(tree: Any) -> Any:
@@ -117,7 +118,7 @@ def base_optimizer(
       )
     )
   else:
-    raise ValueError(f"config.optimizer={config.optimizer!r}: must be 'sgd' or 'adamw'")
+    raise ConfigError(f"config.optimizer={config.optimizer!r}: must be 'sgd' or 'adamw'")
   return optax.chain(*parts) if len(parts) > 1 else parts[0]
 
 
@@ -155,7 +156,7 @@ def sparsity_method(
   ``dense_macs`` (per-layer dense MACs by param path) is needed by ``target_flops_ratio``.
 
   Raises:
-    ValueError: ``config.sparsity.<method>: <argument>: <why>``.
+    ConfigError: ``config.sparsity.<method>: <argument>: <why>``.
   """
   name = config.method
   block = config.sparsity[name]
@@ -206,8 +207,8 @@ def sparsity_method(
         initial_sparsity=float(block.initial_sparsity),
       )
   except (ValueError, TypeError) as e:
-    raise ValueError(f"config.sparsity.{name}: {e}") from None
-  raise ValueError(f"config.method={name!r}: unknown method")
+    raise ConfigError(f"config.sparsity.{name}: {e}") from None
+  raise ConfigError(f"config.method={name!r}: unknown method")
 
 
 def prunable_selection(config: ml_collections.ConfigDict) -> Any:
@@ -218,7 +219,7 @@ def prunable_selection(config: ml_collections.ConfigDict) -> Any:
   try:
     return autosparse.kernels(exclude=exclude)
   except ValueError as e:
-    raise ValueError(f"config.sparsity.exclude: {e}") from None
+    raise ConfigError(f"config.sparsity.exclude: {e}") from None
 
 
 def make_optimizer(
