@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from autosparse_jax import schedules, topk
+from autosparse_jax.budgets import Budget
 from autosparse_jax.selection import Prunable, select_leaves
 
 Params = Any
@@ -180,6 +181,7 @@ def topk_mask(
   *,
   penalty: float = 0.0,
   prunable: Prunable = None,
+  budget: Budget | None = None,
 ) -> MaskStage:
   """TopKAST's mask stage: per layer, forward set ``A`` = the top ``1 - forward_sparsity``
   fraction of ``|W|``, backward set ``B`` (containing ``A``) the top ``1 - backward_sparsity``.
@@ -189,7 +191,8 @@ def topk_mask(
   ``penalty`` adds the gradient of TopKAST's regulariser
   ``penalty / 2 * (|W_A|^2 + |W_{B\\A}|^2 / D)`` with ``D = 1 - forward_sparsity``.
   Sets are exact counts (``round(density * size)`` entries, ties broken by flat index), found
-  shard-locally by :mod:`autosparse_jax.topk`.
+  shard-locally by :mod:`autosparse_jax.topk`; with a ``budget`` the sparsities are overall
+  ones, spread over the layers by :meth:`autosparse_jax.budgets.Budget.keep_counts`.
   """
   forward = _check_sparsity(forward_sparsity, "forward_sparsity")
   backward = (
@@ -211,11 +214,11 @@ def topk_mask(
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ws = [w for w, f in zip(leaves, flags, strict=True) if f]
     sparsities = (forward,) if backward == forward else (forward, backward)
-    found = iter(
-      topk.cutoffs(
-        ws * len(sparsities), [topk.keep_count(w.size, s) for s in sparsities for w in ws]
-      )
-    )
+    if budget is None:
+      counts = [topk.keep_count(w.size, s) for s in sparsities for w in ws]
+    else:
+      counts = [k for s in sparsities for k in budget.keep_counts([w.shape for w in ws], s)]
+    found = iter(topk.cutoffs(ws * len(sparsities), counts))
     sets = []
     for _ in sparsities:
       sets.append(treedef.unflatten([next(found) if f else None for f in flags]))
