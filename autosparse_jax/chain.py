@@ -163,9 +163,10 @@ def optax_chain(
     effective, mask_state = parts.stage.sparsify(new_latent, mask_state, annealing.count)
     if parts.regrown is not None:  # grown/dropped weights restart at zero, moments too
       fresh = parts.regrown(state.mask, mask_state)
-      zero = lambda x, f: x if f is None else jnp.where(f, jnp.zeros_like(x), x)  # noqa: E731
-      new_latent = new_latent._replace(weights=jax.tree.map(zero, new_latent.weights, fresh))
-      effective = jax.tree.map(zero, effective, fresh)
+      new_latent = new_latent._replace(
+        weights=dynamic.zero_where(new_latent.weights, fresh, params)
+      )
+      effective = dynamic.zero_where(effective, fresh, params)
       base_state = dynamic.reset_moments(base, base_state, fresh, params)
     leaves, treedef = jax.tree.flatten(params)
     out = [

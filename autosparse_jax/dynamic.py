@@ -42,7 +42,9 @@ Score = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class DynamicMaskState(NamedTuple):
-  """``masks``: boolean ``M`` per pruned leaf (``None`` elsewhere); ``count``: steps taken."""
+  """``masks``: boolean ``M``, the params' structure and shapes (all True at leaves that are
+  not pruned), so that ``optax.tree_map_params`` gives it the params' shardings; ``count``:
+  steps taken."""
 
   masks: Params
   count: jax.Array
@@ -122,11 +124,11 @@ def prune_and_grow(
 
   def init(latent):
     if not jax.tree.leaves(latent.weights):  # optax.tree_map_params' placeholder
-      return DynamicMaskState(jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+      return DynamicMaskState(latent.weights, jnp.zeros((), jnp.int32))
     treedef, leaves, ks = budget_layers(latent.weights, prunable, budget, sparsity)
     idx = [i for i, k in enumerate(ks) if k is not None]
     scores = [random_score(leaves[i], None, None, key_at(0, i)) for i in idx]
-    masks: list[Any] = [None] * len(leaves)
+    masks: list[Any] = [jnp.ones(w.shape, bool) for w in leaves]
     for i, m in zip(idx, _select(scores, [ks[i] for i in idx]), strict=True):
       masks[i] = m
     return DynamicMaskState(treedef.unflatten(masks), jnp.zeros((), jnp.int32))
@@ -158,7 +160,8 @@ def prune_and_grow(
     old = [ms[i] for i in idx]
     new = jax.lax.cond(due, lambda o: rewire(step, leaves, gs, ms, ks, idx), lambda o: list(o), old)
     nones = treedef.unflatten([None] * len(leaves))
-    masked = MaskedGradients(grads, state.masks, nones, nones)
+    forward = treedef.unflatten([m if k is not None else None for m, k in zip(ms, ks, strict=True)])
+    masked = MaskedGradients(grads, forward, nones, nones)
     new_ms = list(ms)
     for i, m in zip(idx, new, strict=True):
       new_ms[i] = m
@@ -166,19 +169,32 @@ def prune_and_grow(
 
   def sparsify(latent, state, step):
     del step
-    leaves, treedef = jax.tree.flatten(latent.weights)
+    treedef, leaves, ks = budget_layers(latent.weights, prunable, budget, sparsity)
     ms = treedef.flatten_up_to(state.masks)
-    eff = [None if m is None else jnp.where(m, w, 0) for w, m in zip(leaves, ms, strict=True)]
+    eff = [
+      None if k is None else jnp.where(m, w, 0) for w, m, k in zip(leaves, ms, ks, strict=True)
+    ]
     return treedef.unflatten(eff), state
 
   return MaskStage(init, update, sparsify)
 
 
 def changed(old: DynamicMaskState, new: DynamicMaskState) -> Params:
-  """Per pruned leaf, the entries grown or dropped between two states (``None`` elsewhere)."""
+  """The entries grown or dropped between two states (all False at leaves not pruned)."""
   leaves, treedef = jax.tree.flatten(old.masks)
   news = treedef.flatten_up_to(new.masks)
   return treedef.unflatten([a != b for a, b in zip(leaves, news, strict=True)])
+
+
+def zero_where(tree: Params, fresh: Params, params: Params) -> Params:
+  """``tree`` (the params' structure, ``None`` at leaves it leaves out) with the entries marked
+  in ``fresh`` set to zero."""
+  _, treedef = jax.tree.flatten(params)
+  out = [
+    x if x is None or f is None else jnp.where(f, jnp.zeros_like(x), x)
+    for x, f in zip(treedef.flatten_up_to(tree), treedef.flatten_up_to(fresh), strict=True)
+  ]
+  return treedef.unflatten(out)
 
 
 def reset_moments(

@@ -52,6 +52,12 @@ class Components(NamedTuple):
   regrown: Callable[[Any, Any], Any] | None = None  # (old, new mask state) -> entries to reset
 
 
+def _layer_budget(budget: Budget | str) -> Budget | None:
+  """None for the plain uniform budget: every layer rounds its own count, as before budgets."""
+  budget = as_budget(budget)
+  return None if budget == Budget() else budget
+
+
 @runtime_checkable
 class Method(Protocol):
   """What :func:`autosparse_jax.optax_chain` asks of a method (see the module docstring)."""
@@ -221,7 +227,7 @@ class TopKAST:
       backward,
       penalty=self.penalty,
       prunable=prunable,
-      budget=as_budget(self.budget),
+      budget=_layer_budget(self.budget),
     )
 
   def components(self, prunable: Prunable) -> Components:
@@ -235,6 +241,8 @@ class GradualMagnitude:
 
   ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3`` for ``t0 <= t <= t1``, masks
   recomputed every ``frequency`` steps; ``s_t = 0`` before ``t0`` and ``s_f`` after ``t1``.
+  ``budget`` spreads ``s_f`` over layers (``"uniform"``, ``"erk"``); each layer's sparsity
+  follows ``s_l s_t / s_f``.
   """
 
   target_sparsity: float
@@ -242,6 +250,7 @@ class GradualMagnitude:
   end_step: int
   frequency: int = 100
   initial_sparsity: float = 0.0
+  budget: Budget | str = "uniform"
 
   def __post_init__(self):
     for name in ("target_sparsity", "initial_sparsity"):
@@ -267,6 +276,8 @@ class GradualMagnitude:
       end_step=self.end_step,
       frequency=self.frequency,
       prunable=prunable,
+      budget=_layer_budget(self.budget),
+      final_sparsity=self.target_sparsity,
     )
     return Components(stage, stages.gradient_annealing(0.0), None, "layer", None)
 

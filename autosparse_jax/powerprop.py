@@ -87,6 +87,8 @@ class Powerprop:
     a = float(self.exponent)
 
     def latent_init(params: Any) -> Any:
+      if not jax.tree.leaves(params):  # optax.tree_map_params' placeholder
+        return params
       flags = select_leaves(params, prunable)
       leaves, treedef = jax.tree.flatten(params)
       return treedef.unflatten(

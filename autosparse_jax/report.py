@@ -387,7 +387,10 @@ def checkpoint_report(
   ratio = None
   if exp.dense_macs:
     meter = flops.RunningTrainingCost(
-      exp.dense_macs, config.method, train.backward_sparsity(config)
+      exp.dense_macs,
+      config.method,
+      train.backward_sparsity(config),
+      update_every=config.sparsity[config.method].get("update_every"),
     )
     meter.replay(records, up_to_step=step)
     ratio = meter.ratio if meter.steps else None

@@ -274,11 +274,15 @@ def magnitude_mask(
   end_step: int,
   frequency: int,
   prunable: Prunable = None,
+  budget: Budget | None = None,
+  final_sparsity: float | None = None,
 ) -> MaskStage:
   """Gradual magnitude pruning's mask stage (Zhu & Gupta, 2017): hard masks.
 
   At the steps ``begin_step + i * frequency <= end_step`` the mask of each layer becomes the
-  top ``1 - sparsity(step)`` fraction of the surviving ``|W|``; in between it is fixed.
+  top ``1 - sparsity(step)`` fraction of the surviving ``|W|``; in between it is fixed. With a
+  ``budget``, layer ``l`` instead keeps ``round(n_l (1 - s_l sparsity(step) / final_sparsity))``,
+  ``s_l`` its sparsity in the budget at ``final_sparsity`` (exact counts at the end).
   Pruned weights get no gradient and stay zero in ``W_eff = W * M``; once pruned, a weight
   never returns (its masked magnitude is 0, below every survivor).
   """
@@ -309,7 +313,15 @@ def magnitude_mask(
     def prune(old):  # only on mask-update steps: the surviving weights' top-k
       survivors = [jnp.where(m, leaves[i], 0) for m, i in zip(old, idx, strict=True)]
       target = sparsity(step)
-      ks = [topk.keep_count(w.size, target) for w in survivors]
+      if budget is None:
+        ks = [topk.keep_count(w.size, target) for w in survivors]
+      else:
+        finals = budget.keep_counts([w.shape for w in survivors], final_sparsity)
+        scale = target / final_sparsity if final_sparsity else 0.0
+        ks = [
+          topk.keep_count(w.size, (1 - k / w.size) * scale)
+          for w, k in zip(survivors, finals, strict=True)
+        ]
       return [topk.mask(w, c) for w, c in zip(survivors, topk.cutoffs(survivors, ks), strict=True)]
 
     boundary = (step >= begin_step) & (step <= end_step) & ((step - begin_step) % frequency == 0)

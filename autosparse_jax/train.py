@@ -669,7 +669,7 @@ def _train_loop(
 
 def backward_sparsity(config: ml_collections.ConfigDict) -> float | None:
   """TopKAST's backward sparsity (default: its forward sparsity); None for other methods."""
-  if config.method not in ("topkast", "topkast_ga"):
+  if config.method not in ("topkast", "topkast_ga", "topkast_pp"):
     return None
   block = config.sparsity[config.method]
   value = block.backward_sparsity
@@ -684,7 +684,10 @@ def _training_cost_meter(exp: Experiment, workdir: Path, start_step: int):
   if not exp.dense_macs:
     return None
   meter = flops.RunningTrainingCost(
-    exp.dense_macs, exp.config.method, backward_sparsity(exp.config)
+    exp.dense_macs,
+    exp.config.method,
+    backward_sparsity(exp.config),
+    update_every=exp.config.sparsity[exp.config.method].get("update_every"),
   )
   metrics = workdir / logs.METRICS_FILE
   if start_step and metrics.exists():

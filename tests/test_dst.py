@@ -243,3 +243,14 @@ def test_every_method_under_jit_and_multisteps(method):
   kernels = [np.asarray(w) for w in _kernels(params).values()]
   kept = sum(np.count_nonzero(w) for w in kernels)
   assert kept <= round(0.3 * sum(w.size for w in kernels)) + 1
+
+
+def test_topkast_and_gmp_follow_the_erk_budget():
+  budget = autosparse.Budget("erk")
+  gmp = autosparse.GradualMagnitude(0.7, begin_step=0, end_step=2, frequency=1, budget="erk")
+  *_, (_, params, _, state) = _run(gmp, 4)
+  shapes = [w.shape for w in _kernels(params).values()]
+  ks = budget.keep_counts(shapes, 0.7)
+  assert [int(m.sum()) for m in _masks(state).values()] == ks
+  *_, (_, params, _, _) = _run(autosparse.TopKAST(0.7, budget="erk"), 2)
+  assert [int(np.count_nonzero(w)) for w in _kernels(params).values()] == ks
