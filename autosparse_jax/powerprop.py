@@ -55,7 +55,11 @@ def power_stage(stage: MaskStage, a: float, prunable: Prunable) -> MaskStage:
     leaves, treedef = jax.tree.flatten(latent.weights)
     effs = treedef.flatten_up_to(eff)
     flags = select_leaves(latent.weights, prunable)
-    out = [e if e is None or not f else power(e, a) for e, f in zip(effs, flags, strict=True)]
+    # A selected leaf the method keeps dense (e.g. a budget's dense first layer) is still v.
+    out = [
+      power(w if e is None else e, a) if f else e
+      for w, e, f in zip(leaves, effs, flags, strict=True)
+    ]
     return treedef.unflatten(out), state
 
   return MaskStage(stage.init, update, sparsify)

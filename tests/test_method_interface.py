@@ -98,3 +98,20 @@ def test_topkast_ga_backward_sets(kwargs, in_b_not_a, outside_b, backward_densit
       np.testing.assert_allclose(g[b & ~a], in_b_not_a)
     if outside_b is not None:
       np.testing.assert_array_equal(g[~b], outside_b)
+
+
+def test_powerprop_on_a_layer_the_budget_keeps_dense(batch):
+  x, y = batch
+  a, lr = 2.0, 0.1
+  budget = autosparse.Budget("uniform", dense_first_layer=True)
+  method = autosparse.Powerprop(autosparse.RigL(0.3, end_step=10, budget=budget), a)
+  tx = autosparse.optax_chain(optax.sgd(lr), method)
+  u = mlp_params(jax.random.key(4))
+  state = jax.jit(tx.init)(u)
+  g = jax.grad(mlp_loss)(u, x, y)
+  updates, new = jax.jit(tx.update)(g, state, u)
+  first = optax.apply_updates(u, updates)["params"]["dense0"]["kernel"]
+  v = np.asarray(state.latent.weights["params"]["dense0"]["kernel"])
+  gk = np.asarray(g["params"]["dense0"]["kernel"])
+  v_new = v - lr * gk * a * np.abs(v) ** (a - 1)  # plain SGD on v, every entry kept
+  np.testing.assert_allclose(first, v_new * np.abs(v_new) ** (a - 1), rtol=1e-5, atol=1e-7)
