@@ -98,8 +98,9 @@ def test_rigl_drops_smallest_and_grows_top_gradient_on_a_hand_built_case():
   np.testing.assert_array_equal(eff, want)
 
 
-@pytest.mark.parametrize("budget", ["uniform", "erk"])
-@pytest.mark.parametrize("cls", [autosparse.RigL, autosparse.SET])
+@pytest.mark.parametrize(
+  "cls, budget", [(autosparse.RigL, "erk"), (autosparse.SET, "uniform")], ids=["RigL", "SET"]
+)
 def test_exact_per_layer_counts_after_every_update(cls, budget):
   method = cls(0.75, end_step=30, update_every=2, budget=budget)
   b = autosparse.Budget(budget)
