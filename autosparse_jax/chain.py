@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from autosparse_jax import methods
+from autosparse_jax import dynamic, methods
 from autosparse_jax.selection import Prunable, select_leaves
 from autosparse_jax.stages import GradientAnnealingState, LatentParams, init_thresholds
 
@@ -87,7 +87,9 @@ def optax_chain(
     base: any optax optimizer (sgd, adamw, a chain with clipping, ...). It sees the latent
       weights and, with a separate state, the thresholds, both in the params' tree structure,
       so masks keyed on param names (``adamw(mask=...)``) apply to both.
-    method: :class:`AutoSparse`, :func:`STR`, :class:`TopKAST`, :class:`GradualMagnitude` or
+    method: any object with ``components(prunable)`` (:class:`autosparse_jax.methods.Method`):
+      :class:`AutoSparse`, :func:`STR`, :class:`TopKAST`, :class:`GradualMagnitude`,
+      :class:`RigL`, :class:`SET`, :class:`MEST`, :class:`Powerprop`, a user's own, or
       :class:`Dense` (which returns ``base`` itself).
     prunable: which leaves to prune: None (every kernel with ndim >= 2), a list of
       ``(regex, bool)`` rules over '/'-joined key paths (first match wins), or a callable
@@ -99,9 +101,10 @@ def optax_chain(
   """
   if isinstance(method, methods.Dense):
     return optax.with_extra_args_support(base)
-  if not isinstance(method, methods.AutoSparse | methods.TopKAST | methods.GradualMagnitude):
+  if not callable(getattr(method, "components", None)):
     raise ValueError(
-      f"method: expected AutoSparse, STR(...), TopKAST, GradualMagnitude or Dense, got {method!r}"
+      "method: expected an object with components(prunable) (AutoSparse, STR(...), TopKAST, "
+      f"GradualMagnitude, RigL, SET, MEST, Powerprop, Dense or your own), got {method!r}"
     )
   parts = method.components(prunable)
   base = optax.with_extra_args_support(base)
@@ -123,7 +126,8 @@ def optax_chain(
       else:
         thresholds = init_thresholds(params, flags, parts.threshold_init, parts.granularity)
     # A copy, so that donating params and state together never donates one buffer twice.
-    latent = LatentParams(jax.tree.map(jnp.copy, params), thresholds)
+    weights = (parts.latent_init or (lambda p: jax.tree.map(jnp.copy, p)))(params)
+    latent = LatentParams(weights, thresholds)
     return SparseTrainingState(
       latent=latent,
       mask=parts.stage.init(latent),
@@ -157,6 +161,13 @@ def optax_chain(
     )
     # The params after this update are the model of step `annealing.count`.
     effective, mask_state = parts.stage.sparsify(new_latent, mask_state, annealing.count)
+    if parts.regrown is not None:  # grown/dropped weights restart at zero, moments too
+      fresh = parts.regrown(state.mask, mask_state)
+      new_latent = new_latent._replace(
+        weights=dynamic.zero_where(new_latent.weights, fresh, params)
+      )
+      effective = dynamic.zero_where(effective, fresh, params)
+      base_state = dynamic.reset_moments(base, base_state, fresh, params)
     leaves, treedef = jax.tree.flatten(params)
     out = [
       u if e is None else (e - p).astype(p.dtype)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from autosparse_jax import schedules, topk
+from autosparse_jax.budgets import Budget
 from autosparse_jax.selection import Prunable, select_leaves
 
 Params = Any
@@ -180,6 +181,7 @@ def topk_mask(
   *,
   penalty: float = 0.0,
   prunable: Prunable = None,
+  budget: Budget | None = None,
 ) -> MaskStage:
   """TopKAST's mask stage: per layer, forward set ``A`` = the top ``1 - forward_sparsity``
   fraction of ``|W|``, backward set ``B`` (containing ``A``) the top ``1 - backward_sparsity``.
@@ -189,7 +191,8 @@ def topk_mask(
   ``penalty`` adds the gradient of TopKAST's regulariser
   ``penalty / 2 * (|W_A|^2 + |W_{B\\A}|^2 / D)`` with ``D = 1 - forward_sparsity``.
   Sets are exact counts (``round(density * size)`` entries, ties broken by flat index), found
-  shard-locally by :mod:`autosparse_jax.topk`.
+  shard-locally by :mod:`autosparse_jax.topk`; with a ``budget`` the sparsities are overall
+  ones, spread over the layers by :meth:`autosparse_jax.budgets.Budget.keep_counts`.
   """
   forward = _check_sparsity(forward_sparsity, "forward_sparsity")
   backward = (
@@ -211,11 +214,11 @@ def topk_mask(
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ws = [w for w, f in zip(leaves, flags, strict=True) if f]
     sparsities = (forward,) if backward == forward else (forward, backward)
-    found = iter(
-      topk.cutoffs(
-        ws * len(sparsities), [topk.keep_count(w.size, s) for s in sparsities for w in ws]
-      )
-    )
+    if budget is None:
+      counts = [topk.keep_count(w.size, s) for s in sparsities for w in ws]
+    else:
+      counts = [k for s in sparsities for k in budget.keep_counts([w.shape for w in ws], s)]
+    found = iter(topk.cutoffs(ws * len(sparsities), counts))
     sets = []
     for _ in sparsities:
       sets.append(treedef.unflatten([next(found) if f else None for f in flags]))
@@ -271,11 +274,15 @@ def magnitude_mask(
   end_step: int,
   frequency: int,
   prunable: Prunable = None,
+  budget: Budget | None = None,
+  final_sparsity: float | None = None,
 ) -> MaskStage:
   """Gradual magnitude pruning's mask stage (Zhu & Gupta, 2017): hard masks.
 
   At the steps ``begin_step + i * frequency <= end_step`` the mask of each layer becomes the
-  top ``1 - sparsity(step)`` fraction of the surviving ``|W|``; in between it is fixed.
+  top ``1 - sparsity(step)`` fraction of the surviving ``|W|``; in between it is fixed. With a
+  ``budget``, layer ``l`` instead keeps ``round(n_l (1 - s_l sparsity(step) / final_sparsity))``,
+  ``s_l`` its sparsity in the budget at ``final_sparsity`` (exact counts at the end).
   Pruned weights get no gradient and stay zero in ``W_eff = W * M``; once pruned, a weight
   never returns (its masked magnitude is 0, below every survivor).
   """
@@ -306,7 +313,15 @@ def magnitude_mask(
     def prune(old):  # only on mask-update steps: the surviving weights' top-k
       survivors = [jnp.where(m, leaves[i], 0) for m, i in zip(old, idx, strict=True)]
       target = sparsity(step)
-      ks = [topk.keep_count(w.size, target) for w in survivors]
+      if budget is None:
+        ks = [topk.keep_count(w.size, target) for w in survivors]
+      else:
+        finals = budget.keep_counts([w.shape for w in survivors], final_sparsity)
+        scale = target / final_sparsity if final_sparsity else 0.0
+        ks = [
+          topk.keep_count(w.size, (1 - k / w.size) * scale)
+          for w, k in zip(survivors, finals, strict=True)
+        ]
       return [topk.mask(w, c) for w, c in zip(survivors, topk.cutoffs(survivors, ks), strict=True)]
 
     boundary = (step >= begin_step) & (step <= end_step) & ((step - begin_step) % frequency == 0)

@@ -20,13 +20,28 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ("dense", "autosparse", "str", "topkast", "topkast_ga", "gmp")
+METHODS = (
+  "dense",
+  "autosparse",
+  "str",
+  "topkast",
+  "topkast_ga",
+  "topkast_pp",
+  "gmp",
+  "rigl",
+  "rigl_ga",
+  "set",
+  "mest",
+  "mest_ga",
+)
 """Values of ``config.method``."""
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 ALPHA_SCHEDULES = ("sigmoid_cosine", "cosine", "linear", "constant")
 SHARDINGS = ("data", "fsdp")
 GRANULARITIES = ("layer", "channel")
+BUDGETS = ("uniform", "erk")
+DROP_SCHEDULES = ("cosine", "constant")
 
 # Fields that define what a checkpoint holds and what the data position means: a workdir
 # whose checkpoint disagrees on any of them cannot be resumed with this config.
@@ -78,6 +93,31 @@ def _threshold_block(threshold_init: float) -> dict[str, Any]:
   }
 
 
+def _budget_block() -> dict[str, Any]:
+  return {"budget": "uniform", "dense_first_layer": False}  # see autosparse_jax.budgets
+
+
+def _dynamic_block(sparsity: float) -> dict[str, Any]:
+  """Shared by RigL, SET and MEST: the budget and when the mask is rewired."""
+  return {
+    "sparsity": sparsity,
+    **_budget_block(),
+    "update_every": 100,  # steps between mask updates
+    "begin_step": 0,
+    "end_step": config_dict.placeholder(int),  # None: 75% of the total steps (RigL's T_end)
+    "seed": 0,  # random initial masks (and SET/MEST's random growth)
+  }
+
+
+def _rigl_block(sparsity: float) -> dict[str, Any]:
+  return {**_dynamic_block(sparsity), "drop_fraction": 0.3, "drop_schedule": "cosine"}
+
+
+def _mest_block(sparsity: float) -> dict[str, Any]:
+  # Mutation m_t = mutation * max(0, 1 - t / end_step); soft_bound: EM&S.
+  return {**_dynamic_block(sparsity), "mutation": 0.05, "soft_bound": False, "score_lambda": 0.0}
+
+
 def sparsity_defaults() -> ml_collections.ConfigDict:
   """``config.sparsity``: one block per method, plus the kernels never pruned.
 
@@ -92,20 +132,44 @@ def sparsity_defaults() -> ml_collections.ConfigDict:
       "dense": {**wd},
       "autosparse": {**_alpha_block(0.5), **_threshold_block(-5.0), "ga_on_threshold": False, **wd},
       "str": {**_threshold_block(-5.0), **wd},
-      "topkast": {"forward_sparsity": 0.8, "backward_sparsity": 0.5, "penalty": 0.0, **wd},
-      "topkast_ga": {
+      "topkast": {
         "forward_sparsity": 0.8,
         "backward_sparsity": 0.5,
         "penalty": 0.0,
+        **_budget_block(),
+        **wd,
+      },
+      # GA on every weight outside the forward set (dense backward while alpha_t > 0); a
+      # backward_sparsity restricts GA to B \ A.
+      "topkast_ga": {
+        "forward_sparsity": 0.8,
+        "backward_sparsity": config_dict.placeholder(float),
+        "penalty": 0.0,
+        **_budget_block(),
         **_alpha_block(0.5),
         **wd,
       },
+      # TopKAST through Powerpropagation, w = v |v|^(exponent - 1).
+      "topkast_pp": {
+        "forward_sparsity": 0.8,
+        "backward_sparsity": 0.5,
+        "penalty": 0.0,
+        "exponent": 2.0,
+        **_budget_block(),
+        **wd,
+      },
+      "rigl": {**_rigl_block(0.8), **wd},
+      "rigl_ga": {**_rigl_block(0.8), **_alpha_block(0.5), **wd},
+      "set": {**_rigl_block(0.8), **wd},
+      "mest": {**_mest_block(0.8), **wd},
+      "mest_ga": {**_mest_block(0.8), **_alpha_block(0.5), **wd},
       "gmp": {
         "target_sparsity": 0.8,
         "initial_sparsity": 0.0,
         "begin_step": config_dict.placeholder(int),  # None: 10% of the total steps
         "end_step": config_dict.placeholder(int),  # None: 75% of the total steps
         "frequency": 100,  # steps between mask updates
+        **_budget_block(),
         **wd,
       },
     }
@@ -272,6 +336,12 @@ def validate(
     _fail(f"{prefix}.granularity", block.granularity, f"must be one of {GRANULARITIES}")
   if "threshold_weight_decay" in block:
     _check_number(config, f"{prefix}.threshold_weight_decay", low=0)
+  if "budget" in block and block.budget not in BUDGETS:
+    _fail(f"{prefix}.budget", block.budget, f"must be one of {BUDGETS}")
+  if "drop_schedule" in block and block.drop_schedule not in DROP_SCHEDULES:
+    _fail(f"{prefix}.drop_schedule", block.drop_schedule, f"must be one of {DROP_SCHEDULES}")
+  if "update_every" in block:
+    _check_number(config, f"{prefix}.update_every", low=1, integer=True)
   for field in ("alpha_decay_steps", "begin_step", "end_step", "target_ramp_steps"):
     if block.get(field) is not None:
       _check_number(config, f"{prefix}.{field}", low=0, integer=True)

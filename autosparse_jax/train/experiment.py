@@ -169,11 +169,25 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
 def backward_sparsity(config: ml_collections.ConfigDict) -> float | None:
   """TopKAST's backward sparsity (default: its forward sparsity); None for other methods."""
-  if config.method not in ("topkast", "topkast_ga"):
+  if config.method not in ("topkast", "topkast_ga", "topkast_pp"):
     return None
   block = config.sparsity[config.method]
   value = block.backward_sparsity
   return float(block.forward_sparsity if value is None else value)
+
+
+def training_cost_meter(config: ml_collections.ConfigDict, dense_macs: dict[str, int]):
+  """A :class:`~autosparse_jax.flops.RunningTrainingCost` for the run of ``config``: its method,
+  TopKAST's backward sparsity, RigL's ``update_every``."""
+  from autosparse_jax import flops
+
+  block = config.sparsity.get(config.method)
+  return flops.RunningTrainingCost(
+    dense_macs,
+    config.method,
+    backward_sparsity(config),
+    update_every=block.get("update_every") if block is not None else None,
+  )
 
 
 def load_checkpoint(

@@ -37,9 +37,9 @@ from autosparse_jax.selection import path_string
 from autosparse_jax.train import checkpoint, config_lib, logs, sharding
 from autosparse_jax.train.experiment import (
   Experiment,
-  backward_sparsity,
   build_experiment,
   experiment_info,
+  training_cost_meter,
 )
 from autosparse_jax.train.plots import write_plots
 from autosparse_jax.train.state import (
@@ -377,13 +377,9 @@ def _train_loop(
 def _training_cost_meter(exp: Experiment, workdir: Path, start_step: int):
   """The run's :class:`~autosparse_jax.flops.RunningTrainingCost` (None without MAC counts);
   a resumed run replays the logged records up to ``start_step``."""
-  from autosparse_jax import flops
-
   if not exp.dense_macs:
     return None
-  meter = flops.RunningTrainingCost(
-    exp.dense_macs, exp.config.method, backward_sparsity(exp.config)
-  )
+  meter = training_cost_meter(exp.config, exp.dense_macs)
   metrics = workdir / logs.METRICS_FILE
   if start_step and metrics.exists():
     meter.replay(logs.read_jsonl(metrics), up_to_step=start_step)

@@ -40,7 +40,6 @@ def checkpoint_report(
   Raises:
     FileNotFoundError: no ``config.json``, no checkpoint, or none at ``step``.
   """
-  from autosparse_jax import flops
   from autosparse_jax.train import config_lib, experiment, logs
 
   workdir = Path(workdir)
@@ -72,9 +71,7 @@ def checkpoint_report(
   records = logs.read_jsonl(workdir / logs.METRICS_FILE)
   ratio = None
   if exp.dense_macs:
-    meter = flops.RunningTrainingCost(
-      exp.dense_macs, config.method, experiment.backward_sparsity(config)
-    )
+    meter = experiment.training_cost_meter(config, exp.dense_macs)
     meter.replay(records, up_to_step=step)
     ratio = meter.ratio if meter.steps else None
   evals = [r for r in records if "eval/accuracy" in r and r["step"] <= step]
