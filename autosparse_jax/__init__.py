@@ -6,7 +6,12 @@ live in submodules that load flax, tfds, orbax and clu when imported.
 """
 
 from autosparse_jax import selection
-from autosparse_jax.chain import SparseTrainingState, optax_chain
+from autosparse_jax.chain import (
+  SparseTrainingState,
+  SparseTransformation,
+  ThresholdOptimizerState,
+  optax_chain,
+)
 from autosparse_jax.controller import ControllerState, ramp, sparsity_controller
 from autosparse_jax.methods import STR, AutoSparse, Dense, GradualMagnitude, TopKAST
 from autosparse_jax.schedules import constant, cosine_decay, linear_decay, sigmoid_cosine_decay
@@ -38,6 +43,8 @@ __all__ = [
   "STR",
   "Sparsity",
   "SparseTrainingState",
+  "SparseTransformation",
+  "ThresholdOptimizerState",
   "TopKAST",
   "constant",
   "cosine_decay",
