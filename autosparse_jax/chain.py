@@ -29,10 +29,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType
 from jax.tree_util import SequenceKey
 
 from autosparse_jax import methods
+from autosparse_jax.metadata import plain, with_param_metadata, with_sharding_of
 from autosparse_jax.selection import Prunable, path_string, select_leaves
 from autosparse_jax.stages import GradientAnnealingState, LatentParams, init_thresholds
 
@@ -110,51 +110,6 @@ class SparseTransformation(optax.GradientTransformationExtraArgs):
 def _is_params_placeholder(params: Any) -> bool:
   # optax.tree_map_params calls init with an empty placeholder object standing for the params.
   return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params)
-
-
-def _is_variable(x: Any) -> bool:
-  """An ``nnx`` Variable (``nnx.Optimizer`` hands ``init`` a tree of them)."""
-  return hasattr(x, "get_value") and hasattr(x, "get_metadata")
-
-
-def _plain(tree: Any) -> Any:
-  """``tree`` with every ``nnx`` Variable replaced by its value (and its metadata dropped)."""
-  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable)
-
-
-def _with_param_metadata(tree: Any, params: Any) -> Any:
-  """Gives each leaf of ``tree`` that mirrors a param Variable (its key path ends with the
-  param's, same shape) that Variable's type and metadata, e.g. its sharding."""
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
-  variables = {tuple(path): v for path, v in flat if _is_variable(v)}
-  if not variables:
-    return tree
-  lengths = sorted({len(k) for k in variables})
-
-  def wrap(path, leaf):
-    for n in lengths:
-      v = variables.get(tuple(path[-n:]))
-      if v is not None and getattr(leaf, "shape", None) == v.get_value().shape:
-        return v.replace(leaf)
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(wrap, tree)
-
-
-def _with_sharding_of(values: Any, like: Any) -> Any:
-  """On an explicit mesh a sharding is part of a value's type, and a per-channel threshold
-  gradient (a sum over a kernel) comes out sharded like the kernel's channels: it gets its
-  threshold's sharding back, so that thresholds and their optimizer state keep the sharding
-  they were created with (replicated)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AxisType.Explicit not in mesh.axis_types:
-    return values
-  leaves, treedef = jax.tree.flatten(like)
-  out = [
-    v if v is None else jax.sharding.reshard(v, jax.typeof(ref).sharding.spec)
-    for v, ref in zip(treedef.flatten_up_to(values), leaves, strict=True)
-  ]
-  return treedef.unflatten(out)
 
 
 def _find_state(opt_state: Any) -> SparseTrainingState | None:
@@ -261,7 +216,7 @@ def optax_chain(
       weights and, with a separate state, the thresholds, both in the params' tree structure,
       so masks keyed on param names (``adamw(mask=...)``) apply to both.
     method: :class:`AutoSparse`, :func:`STR`, :class:`TopKAST`, :class:`GradualMagnitude` or
-      :class:`Dense` (which returns ``base`` itself).
+      :class:`Dense` (``base`` itself, with ``effective_params`` returning the params).
     prunable: which leaves to prune: None (every kernel with ndim >= 2), a list of
       ``(regex, bool)`` rules over '/'-joined key paths (first match wins), or a callable
       ``(path, leaf) -> bool`` such as :func:`autosparse_jax.kernels`.
@@ -303,16 +258,16 @@ def optax_chain(
     else:
       flags = select_leaves(params, prunable)
       _check_finite(params)
-      plain = _plain(params)
+      arrays = plain(params)
       if parts.threshold_init is None:
-        thresholds = jax.tree.map(lambda _: None, plain)
+        thresholds = jax.tree.map(lambda _: None, arrays)
       else:
-        thresholds = init_thresholds(plain, flags, parts.threshold_init, parts.granularity)
+        thresholds = init_thresholds(arrays, flags, parts.threshold_init, parts.granularity)
       # A copy, so that donating params and state together never donates one buffer twice.
       latent = LatentParams(jax.tree.map(jnp.copy, params), thresholds)
       threshold_state = ThresholdOptimizerState.wrap(threshold_tx.init(thresholds))
-      mask_state = parts.stage.init(LatentParams(_plain(latent.weights), thresholds))
-      mask_state = _with_param_metadata(mask_state, params)
+      mask_state = parts.stage.init(LatentParams(plain(latent.weights), thresholds))
+      mask_state = with_param_metadata(mask_state, params)
     base_state = base.init(latent.weights)
     _refuse_unsupported_base(base, base_state)
     return SparseTrainingState(
@@ -332,9 +287,9 @@ def optax_chain(
         "opt_state: holds no SparseTrainingState; pass the state made by this "
         "transformation's init (or by an optimizer wrapping it)"
       )
-    state = _plain(state)
+    state = plain(state)
     effective, _ = parts.stage.sparsify(state.latent, state.mask, state.annealing.step)
-    leaves, treedef = jax.tree.flatten(_plain(params))
+    leaves, treedef = jax.tree.flatten(plain(params))
     out = [
       p if e is None else e.astype(p.dtype)
       for p, e in zip(leaves, treedef.flatten_up_to(effective), strict=True)
@@ -351,7 +306,7 @@ def optax_chain(
     masked, mask_state = parts.stage.update(grads, state.mask, latent)
     latent_grads, annealing = parts.annealing.update(masked, state.annealing)
     latent_grads = latent_grads._replace(
-      thresholds=_with_sharding_of(latent_grads.thresholds, latent.thresholds)
+      thresholds=with_sharding_of(latent_grads.thresholds, latent.thresholds)
     )
     w_updates, base_state = base.update(
       latent_grads.weights, state.base, latent.weights, **extra_args
