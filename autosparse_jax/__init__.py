@@ -7,7 +7,12 @@ live in submodules that load flax, tfds, orbax and clu when imported.
 
 from autosparse_jax import selection
 from autosparse_jax.budgets import Budget
-from autosparse_jax.chain import SparseTrainingState, optax_chain
+from autosparse_jax.chain import (
+  SparseTrainingState,
+  SparseTransformation,
+  ThresholdOptimizerState,
+  optax_chain,
+)
 from autosparse_jax.controller import ControllerState, ramp, sparsity_controller
 from autosparse_jax.dst import MEST, SET, RigL
 from autosparse_jax.methods import (
@@ -56,6 +61,8 @@ __all__ = [
   "STR",
   "Sparsity",
   "SparseTrainingState",
+  "SparseTransformation",
+  "ThresholdOptimizerState",
   "TopKAST",
   "constant",
   "cosine_decay",

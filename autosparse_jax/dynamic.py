@@ -43,11 +43,11 @@ Score = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 class DynamicMaskState(NamedTuple):
   """``masks``: boolean ``M``, the params' structure and shapes (all True at leaves that are
-  not pruned), so that ``optax.tree_map_params`` gives it the params' shardings; ``count``:
+  not pruned), so that ``optax.tree_map_params`` gives it the params' shardings; ``step``:
   steps taken."""
 
   masks: Params
-  count: jax.Array
+  step: jax.Array
 
 
 def magnitude_score(w, g, m, key):
@@ -155,7 +155,7 @@ def prune_and_grow(
     gs = treedef.flatten_up_to(grads)
     ms = treedef.flatten_up_to(state.masks)
     idx = [i for i, k in enumerate(ks) if k is not None]
-    step = state.count
+    step = state.step
     due = (step >= begin_step) & ((step - begin_step) % every == 0) & (step <= last_step)
     old = [ms[i] for i in idx]
     new = jax.lax.cond(due, lambda o: rewire(step, leaves, gs, ms, ks, idx), lambda o: list(o), old)

@@ -75,7 +75,8 @@ class MaskStage(NamedTuple):
 
 
 class GradientAnnealingState(NamedTuple):
-  count: jax.Array  # steps taken
+  # Not named ``count``: ``optax.tree_utils.tree_get(state, "count")`` finds the base's.
+  step: jax.Array  # steps taken
   alpha: jax.Array  # alpha_t used by the last update (alpha_0 before the first)
 
 
@@ -86,19 +87,21 @@ def _flat(tree: Params, *others: Params) -> tuple[Any, list[list[Any]]]:
   return treedef, [leaves] + [treedef.flatten_up_to(o) for o in others]
 
 
-def _reduce_axes(w: jax.Array, threshold: jax.Array) -> tuple[int, ...]:
-  return tuple(range(w.ndim - threshold.ndim))
+def _reduce_axes(threshold: jax.Array) -> tuple[int, ...]:
+  """The kernel axes one threshold covers: those where it has size 1 (all but the channels)."""
+  return tuple(i for i, n in enumerate(threshold.shape) if n == 1)
 
 
 def soft_threshold(w: jax.Array, s: jax.Array) -> jax.Array:
-  """``W_eff = sign(W) * max(|W| - sigmoid(s), 0)``; ``s`` broadcasts over the last axis."""
+  """``W_eff = sign(W) * max(|W| - sigmoid(s), 0)``; ``s`` broadcasts against ``W``."""
   tau = jax.nn.sigmoid(s).astype(w.dtype)
   return jnp.sign(w) * jax.nn.relu(jnp.abs(w) - tau)
 
 
 def init_thresholds(params: Params, flags: list[bool], value: float, granularity: str) -> Params:
-  """Threshold parameters ``s = value`` for each flagged leaf: a scalar per layer or one per
-  output channel (the last kernel axis); ``None`` at the other leaves."""
+  """Threshold parameters ``s = value`` for each flagged leaf: one per layer (shape
+  ``(1,) * ndim``) or one per output channel (the last kernel axis, shape
+  ``(1, ..., 1, C)``); ``None`` at the other leaves."""
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
   leaves, treedef = jax.tree.flatten(params)
@@ -106,7 +109,7 @@ def init_thresholds(params: Params, flags: list[bool], value: float, granularity
   def make(w, pruned):
     if not pruned:
       return None
-    shape = () if granularity == "layer" else (w.shape[-1],)
+    shape = (1,) * w.ndim if granularity == "layer" else (1,) * (w.ndim - 1) + (w.shape[-1],)
     return jnp.full(shape, value, jnp.float32)
 
   return treedef.unflatten([make(w, f) for w, f in zip(leaves, flags, strict=True)])
@@ -138,11 +141,11 @@ def threshold_mask() -> MaskStage:
       tau = jax.nn.sigmoid(s)
       m = jnp.abs(w) > tau.astype(w.dtype)
       signed = jnp.sign(w).astype(jnp.float32) * g.astype(jnp.float32)
-      axes = _reduce_axes(w, s)
+      axes = _reduce_axes(s)
       slope = -tau * (1.0 - tau)  # d sigmoid(s) / ds, negated: a larger tau shrinks |W_eff|
       masks.append(m)
-      kept.append(slope * jnp.sum(jnp.where(m, signed, 0.0), axis=axes))
-      masked.append(slope * jnp.sum(jnp.where(m, 0.0, signed), axis=axes))
+      kept.append(slope * jnp.sum(jnp.where(m, signed, 0.0), axis=axes, keepdims=True))
+      masked.append(slope * jnp.sum(jnp.where(m, 0.0, signed), axis=axes, keepdims=True))
     unflat = treedef.unflatten
     return MaskedGradients(grads, unflat(masks), unflat(kept), unflat(masked)), state
 
@@ -294,7 +297,10 @@ def magnitude_mask(
     raise ValueError(f"frequency: must be a positive number of steps, got {frequency}")
 
   def init(latent):
-    return MagnitudeMaskState(jax.tree.map(lambda w: jnp.ones(w.shape, bool), latent.weights))
+    state = MagnitudeMaskState(jax.tree.map(lambda w: jnp.ones_like(w, bool), latent.weights))
+    if begin_step == 0 and jax.tree.leaves(latent.weights):  # step 0 is a pruning step
+      _, state = sparsify(latent, state, jnp.zeros((), jnp.int32))
+    return state
 
   def update(grads, state, latent):
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
@@ -349,12 +355,12 @@ def gradient_annealing(
 
   def init(params):
     del params
-    count = jnp.zeros((), jnp.int32)
-    return GradientAnnealingState(count, jnp.asarray(schedule(count), jnp.float32))
+    step = jnp.zeros((), jnp.int32)
+    return GradientAnnealingState(step, jnp.asarray(schedule(step), jnp.float32))
 
   def update(masked: MaskedGradients, state, params=None):
     del params
-    a = jnp.asarray(schedule(state.count), jnp.float32)
+    a = jnp.asarray(schedule(state.step), jnp.float32)
     treedef, (gs, ms, ts, xs) = _flat(
       masked.weights, masked.masks, masked.thresholds, masked.masked_thresholds
     )
@@ -363,6 +369,6 @@ def gradient_annealing(
       weights.append(g if m is None else jnp.where(m, g, a.astype(g.dtype) * g))
       thresholds.append(t + a * x if (ga_on_threshold and t is not None) else t)
     grads = LatentParams(treedef.unflatten(weights), treedef.unflatten(thresholds))
-    return grads, GradientAnnealingState(optax.safe_increment(state.count), a)
+    return grads, GradientAnnealingState(optax.safe_increment(state.step), a)
 
   return optax.GradientTransformation(init, update)

@@ -123,6 +123,7 @@ def run(model_name, method_name, sparsity, seed, data, epochs, batch_size):
   base = optax.chain(optax.add_decayed_weights(5e-4, mask=decay_mask), optax.sgd(lr, 0.9))
   tx = autosparse.optax_chain(base, make_method(method_name, sparsity, steps))
   state = tx.init(params)
+  params = tx.effective_params(params, state)  # step 0 on W_eff
   xtr_d, ytr_d = jnp.asarray(xtr), jnp.asarray(ytr)
 
   def loss_fn(p, x, y):
