@@ -16,13 +16,15 @@ probes one ``t`` per pass:
 2. then, until both sides are probed, steps away from it growing 16x per pass (a jump, a
    restore or a schedule change costs a few passes more, never exactness);
 3. then linear interpolation of ``c`` inside the bracket, aiming at ``c = k - 1/2``, with a
-   halving of the bracket whenever the previous pass did not halve it.
+   halving of the bracket whenever the previous pass halved neither its width nor its count gap.
 
 It stops when ``hi = lo + 1`` (then ``v = lo``), or when ``c(lo) = k`` (``v = min{b >= lo}``)
-or ``c(hi) = k - 1`` (``v = max{b < hi}``): one min or max reduction then finishes. Ties at
-``v`` are cut by a bisection over the flat index, only when they straddle the cut. A warm
-search typically takes 4-7 passes instead of the 31 of a plain bisection; :func:`search`
-returns how many it took.
+or ``c(hi) = k - 1`` (``v = max{b < hi}``): one min or max reduction then finishes. When ties
+at ``v`` straddle the cut, the same search finds the ``need``-th largest of the key
+``size - flat_index`` over the tied entries (0 elsewhere), started where evenly spread ties
+would put it. :func:`search` returns the passes it took: from the previous step's cut about
+8-15 on the kernels of the tests and benchmarks (ties included), against 32 plus up to
+``log2(size)`` tie-break passes for a bisection from scratch.
 
 All arrays are searched in one loop; an array listed several times (TopKAST's two budgets) is
 read once per pass for all its counts.
@@ -129,6 +131,97 @@ def _probe(br: _Bracket, k: jax.Array, start: jax.Array) -> jax.Array:
   )
 
 
+def _kth_largest(keys, order, sizes, ks, starts):
+  """For each position i, the ``ks[i]``-th largest of the non-negative int32 array
+  ``keys[g]()`` of its group ``g`` (``order[g]`` lists a group's positions; a group's array is
+  read once per pass for all of them), by the bracket search of the module docstring.
+
+  ``keys[g]`` is a callable, so that a key computed from another array fuses into each pass.
+  Returns ``(value, min-finished, max-finished)`` per position, the final brackets and the
+  passes taken.
+  """
+  n = len(ks)
+
+  def initial(size):
+    return _Bracket(
+      lo=jnp.int32(0),
+      c_lo=jnp.int32(size),
+      hi=jnp.int32(_TOP),
+      c_hi=jnp.int32(0),
+      lo_probed=jnp.bool_(False),
+      hi_probed=jnp.bool_(False),
+      gallop=jnp.int32(0),
+      last_width=jnp.int32(_TOP),
+      last_gap=jnp.int32(size),
+    )
+
+  def cond(carry):
+    brs, passes = carry
+    live = jnp.stack([~_done(brs[i], ks[i]) for i in range(n)])
+    return jnp.any(live) & (passes < _MAX_PASSES)
+
+  def body(carry):
+    brs, passes = carry
+    brs = list(brs)
+    for key, pos in zip(keys, order, strict=True):
+      probes = [_probe(brs[i], ks[i], starts[i]) for i in pos]
+      ts = jnp.stack(probes)
+      live = jnp.any(jnp.stack([~_done(brs[i], ks[i]) for i in pos]))
+      cs = jax.lax.cond(
+        live, lambda ts, key=key: _counts_at(key(), ts), lambda ts: jnp.zeros_like(ts), ts
+      )
+      for j, i in enumerate(pos):
+        br, k, t, c = brs[i], ks[i], probes[j], cs[j]
+        go = ~_done(br, k)
+        new_lo = go & (c >= k)
+        new_hi = go & (c < k)
+        both = go & br.lo_probed & br.hi_probed
+        galloping = ~(br.lo_probed & br.hi_probed) & (br.lo_probed | br.hi_probed)
+        brs[i] = _Bracket(
+          lo=jnp.where(new_lo, t, br.lo),
+          c_lo=jnp.where(new_lo, c, br.c_lo),
+          hi=jnp.where(new_hi, t, br.hi),
+          c_hi=jnp.where(new_hi, c, br.c_hi),
+          lo_probed=br.lo_probed | new_lo,
+          hi_probed=br.hi_probed | new_hi,
+          gallop=br.gallop + (go & galloping).astype(jnp.int32),
+          last_width=jnp.where(both, br.hi - br.lo, br.last_width),
+          last_gap=jnp.where(both, br.c_lo - br.c_hi, br.last_gap),
+        )
+    return brs, passes + 1
+
+  brackets = [initial(sizes[i]) for i in range(n)]
+  brackets, passes = jax.lax.while_loop(cond, body, (brackets, jnp.int32(0)))
+
+  # v = lo when the bracket is one pattern wide; else one min (c(lo) = k) or max
+  # (c(hi) = k - 1) reduction, for all positions of a group in the same pass.
+  values: list = [None] * n
+  for key, pos in zip(keys, order, strict=True):
+    brs = [brackets[i] for i in pos]
+    k = jnp.stack([ks[i] for i in pos])
+    lo, hi = jnp.stack([br.lo for br in brs]), jnp.stack([br.hi for br in brs])
+    c_lo = jnp.stack([br.c_lo for br in brs])
+    narrow = hi - lo <= 1
+    use_min = ~narrow & (c_lo == k) & (k > 0)
+    use_max = ~narrow & ~use_min & (k > 0)
+
+    def finish(key=key, lo=lo, hi=hi):
+      x = key()[..., None]
+      axes = tuple(range(x.ndim - 1))
+      return (
+        jnp.min(jnp.where(x >= lo, x, _TOP), axis=axes),
+        jnp.max(jnp.where(x < hi, x, -1), axis=axes),
+      )
+
+    any_finish = jnp.any(use_min | use_max)
+    lows, highs = jax.lax.cond(any_finish, finish, lambda lo=lo: (lo, lo))
+    passes = passes + any_finish.astype(jnp.int32)
+    v = jnp.where(use_min, lows, jnp.where(use_max, highs, lo))
+    for j, i in enumerate(pos):
+      values[i] = (v[j], use_min[j], use_max[j])
+  return values, brackets, passes
+
+
 def search(
   weights: Sequence[jax.Array],
   counts: Sequence[jax.Array | int],
@@ -148,137 +241,74 @@ def search(
   for i, w in enumerate(weights):
     groups.setdefault(id(w), []).append(i)
   order = list(groups.values())  # per distinct array, the positions that search it
-  arrays = [weights[pos[0]] for pos in order]
-  bits = [magnitude_bits(w) for w in arrays]
-  extra_passes = jnp.int32(0)
+  bits = [magnitude_bits(weights[pos[0]]) for pos in order]
+  group_of = {i: g for g, pos in enumerate(order) for i in pos}
+  passes = jnp.int32(0)
   if start is None:
-    rms = [_rms_bits(w) for w in arrays]
-    starts = [None] * len(weights)
-    for pos, r in zip(order, rms, strict=True):
-      for i in pos:
-        starts[i] = r
-    extra_passes = jnp.int32(1)
+    rms = [_rms_bits(weights[pos[0]]) for pos in order]
+    starts = [rms[group_of[i]] for i in range(len(weights))]
+    passes = passes + 1
   else:
     starts = [jnp.asarray(s, jnp.int32) for s in start]
+  sizes = [w.size for w in weights]
+  keys = [lambda b=b: b for b in bits]
+  found, brackets, value_passes = _kth_largest(keys, order, sizes, ks, starts)
+  passes = passes + value_passes
 
-  def initial(w):
-    size = jnp.int32(w.size)
-    return _Bracket(
-      lo=jnp.int32(0),
-      c_lo=size,
-      hi=jnp.int32(_TOP),
-      c_hi=jnp.int32(0),
-      lo_probed=jnp.bool_(False),
-      hi_probed=jnp.bool_(False),
-      gallop=jnp.int32(0),
-      last_width=jnp.int32(_TOP),
-      last_gap=size,
+  # Entries above v number c_hi (no pattern lies strictly between v and hi), and those equal
+  # to v c_lo - c_hi when the bracket is one pattern wide; after a min-finish every tied entry
+  # is kept (c(v) = c(lo) = k); after a max-finish one count gives the ties.
+  need, n_tied, max_finish = [], [], []
+  for i, ((_, use_min, use_max), br) in enumerate(zip(found, brackets, strict=True)):
+    need.append(jnp.where(use_min, 0, ks[i] - br.c_hi))
+    n_tied.append(jnp.where(use_min | use_max, 0, br.c_lo - br.c_hi))
+    max_finish.append(use_max)
+  any_max = jnp.any(jnp.stack(max_finish))
+  counted = jax.lax.cond(
+    any_max,
+    lambda: [
+      jnp.where(max_finish[i], _count(bits[group_of[i]] == found[i][0]), 0)
+      for i in range(len(weights))
+    ],
+    lambda: [jnp.int32(0) for _ in weights],
+  )
+  passes = passes + any_max.astype(jnp.int32)
+  n_tied = [t + c for t, c in zip(n_tied, counted, strict=True)]
+  straddle = [(nd < nt) & (k > 0) for nd, nt, k in zip(need, n_tied, ks, strict=True)]
+
+  # Ties straddle the cut: keep the `need` lowest flat indices among the entries equal to v,
+  # i.e. the need-th largest of the key size - index over those entries (0 elsewhere), by the
+  # same search, started where evenly spread ties would put it.
+  def tie_key(i):
+    b, v = bits[group_of[i]], found[i][0]
+    return lambda: jnp.where(b == v, b.size - flat_index(b.shape), 0)
+
+  tie_ks = [jnp.where(st, nd, 0) for st, nd in zip(straddle, need, strict=True)]
+  tie_starts = [
+    sz - (sz * (nd.astype(jnp.float32) / jnp.maximum(nt, 1).astype(jnp.float32))).astype(jnp.int32)
+    for sz, nd, nt in zip(sizes, need, n_tied, strict=True)
+  ]
+  any_tie = jnp.any(jnp.stack(straddle))
+
+  def tie_break():
+    every = list(range(len(weights)))
+    got, _, tie_passes = _kth_largest(
+      [tie_key(i) for i in every], [[i] for i in every], sizes, tie_ks, tie_starts
     )
+    bounds = [
+      jnp.where(st, sz - g[0] + 1, sz) for st, sz, g in zip(straddle, sizes, got, strict=True)
+    ]
+    return bounds, tie_passes
 
-  brackets = [initial(w) for w in weights]
-
-  def active(brs):
-    return [~_done(brs[i], ks[i]) for i in range(len(weights))]
-
-  def cond(carry):
-    brs, passes = carry
-    return jnp.any(jnp.stack(active(brs))) & (passes < _MAX_PASSES)
-
-  def body(carry):
-    brs, passes = carry
-    brs = list(brs)
-    for b, pos in zip(bits, order, strict=True):
-      probes = [_probe(brs[i], ks[i], starts[i]) for i in pos]
-      ts = jnp.stack(probes)
-      live = jnp.any(jnp.stack([~_done(brs[i], ks[i]) for i in pos]))
-      cs = jax.lax.cond(live, _counts_at, lambda b, ts: jnp.zeros(ts.shape, jnp.int32), b, ts)
-      for j, i in enumerate(pos):
-        br, k = brs[i], ks[i]
-        t = probes[j]
-        c = cs[j]
-        enough = c >= k
-        go = ~_done(br, k)
-        new_lo = go & enough
-        new_hi = go & ~enough
-        both = go & br.lo_probed & br.hi_probed
-        galloping = ~(br.lo_probed & br.hi_probed) & (br.lo_probed | br.hi_probed)
-        brs[i] = _Bracket(
-          lo=jnp.where(new_lo, t, br.lo),
-          c_lo=jnp.where(new_lo, c, br.c_lo),
-          hi=jnp.where(new_hi, t, br.hi),
-          c_hi=jnp.where(new_hi, c, br.c_hi),
-          lo_probed=br.lo_probed | new_lo,
-          hi_probed=br.hi_probed | new_hi,
-          gallop=br.gallop + (go & galloping).astype(jnp.int32),
-          last_width=jnp.where(both, br.hi - br.lo, br.last_width),
-          last_gap=jnp.where(both, br.c_lo - br.c_hi, br.last_gap),
-        )
-    return brs, passes + 1
-
-  brackets, passes = jax.lax.while_loop(cond, body, (brackets, jnp.int32(0)))
-
-  # Finish: v = lo when the bracket is one pattern wide; else one min (c(lo) = k) or max
-  # (c(hi) = k - 1) reduction, for all counts of an array in the same pass. Then the entries
-  # above v number c_hi (no pattern lies strictly between v and hi), and those equal to v
-  # c_lo - c_hi (one pattern wide), none to spare (min: c(v) = c(lo) = k) or one count more
-  # (max). Ties straddle the cut when fewer than all of them are needed.
-  result: list[Cutoff] = [None] * len(weights)  # type: ignore[list-item]
-  extra = []
-  for w, b, pos in zip(arrays, bits, order, strict=True):
-    brs = [brackets[i] for i in pos]
-    k = jnp.stack([ks[i] for i in pos])
-    lo, hi = jnp.stack([br.lo for br in brs]), jnp.stack([br.hi for br in brs])
-    c_lo, c_hi = jnp.stack([br.c_lo for br in brs]), jnp.stack([br.c_hi for br in brs])
-    narrow = hi - lo <= 1
-    use_min = ~narrow & (c_lo == k)
-    use_max = ~narrow & ~use_min & (k > 0)
-
-    def finish(b=b, lo=lo, hi=hi):
-      axes = tuple(range(b.ndim))
-      bb = b[..., None]
-      return (
-        jnp.min(jnp.where(bb >= lo, bb, _TOP), axis=axes),
-        jnp.max(jnp.where(bb < hi, bb, -1), axis=axes),
-      )
-
-    any_finish = jnp.any(use_min | use_max)
-    lows, highs = jax.lax.cond(any_finish, finish, lambda lo=lo: (lo, lo))
-    v = jnp.where(use_min, lows, jnp.where(use_max, highs, lo))
-    n_tied = jax.lax.cond(
-      jnp.any(use_max),
-      lambda b=b, v=v: jnp.sum(b[..., None] == v, axis=tuple(range(b.ndim)), dtype=jnp.int32),
-      lambda c_lo=c_lo, c_hi=c_hi: c_lo - c_hi,
-    )
-    n_tied = jnp.where(use_max, n_tied, c_lo - c_hi)
-    need = jnp.where(use_min, n_tied, k - c_hi)
-    straddle = (need < n_tied) & (k > 0)
-    steps = max(1, int(w.size).bit_length())
-    extra += [any_finish, jnp.any(use_max), jnp.any(straddle) * steps]
-    for j, i in enumerate(pos):
-      index = _tie_break(b, v[j], need[j], straddle[j], steps)
-      # k = 0: nothing may be kept, so the cut sits above every magnitude.
-      result[i] = Cutoff(jnp.where(k[j] > 0, v[j], _TOP), jnp.where(k[j] > 0, index, 0))
-  passes = extra_passes + passes + sum(jnp.asarray(e, jnp.int32) for e in extra)
+  index, tie_passes = jax.lax.cond(
+    any_tie, tie_break, lambda: ([jnp.int32(sz) for sz in sizes], jnp.int32(0))
+  )
+  passes = passes + tie_passes
+  result = []
+  for i, k in enumerate(ks):
+    # k = 0: nothing may be kept, so the cut sits above every magnitude.
+    result.append(Cutoff(jnp.where(k > 0, found[i][0], _TOP), jnp.where(k > 0, index[i], 0)))
   return Search(result, passes)
-
-
-def _tie_break(b, v, need, straddle, steps):
-  """The flat-index bound keeping the ``need`` lowest-index entries tied at ``v``."""
-
-  def bisect():
-    tied = b == v
-    idx = flat_index(b.shape)
-
-    def index_step(_, carry):
-      lo, hi = carry  # smallest m with count(tied & idx < m) >= need lies in (lo, hi]
-      mid = lo + (hi - lo) // 2
-      enough = _count(tied & (idx < mid)) >= need
-      return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
-
-    _, hi = jax.lax.fori_loop(0, steps, index_step, (jnp.int32(-1), jnp.int32(b.size)))
-    return hi
-
-  return jax.lax.cond(straddle, bisect, lambda: jnp.int32(b.size))
 
 
 def cutoffs(
