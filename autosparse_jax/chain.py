@@ -34,7 +34,7 @@ from jax.tree_util import SequenceKey
 from autosparse_jax import dynamic, methods
 from autosparse_jax.metadata import plain, with_param_metadata, with_sharding_of
 from autosparse_jax.selection import Prunable, path_string, select_leaves
-from autosparse_jax.stages import GradientAnnealingState, LatentParams, init_thresholds
+from autosparse_jax.stages import GradientAnnealingState, LatentParams, _flat, init_thresholds
 
 
 class SparseTrainingState(NamedTuple):
@@ -181,19 +181,25 @@ def _sync_hyperparams(source: Any, target: Any) -> Any:
   )
 
 
-def _hold_at_ceiling(threshold_updates, masks, ceiling: float | None):
-  """Stops the thresholds of a layer whose sparsity (``1 - mean(M)``) reached ``ceiling`` from
-  rising any further (whatever pushes them: gradient, weight decay or the controller), so that
-  no layer silently disconnects the network. Returns the updates and how many layers are held."""
+def _hold_at_ceiling(threshold_updates, thresholds, weights, ceiling: float | None):
+  """Stops the thresholds of a layer from rising (whatever pushes them: gradient, weight decay
+  or the controller) when, with its new weights ``W'`` and the updated thresholds ``s + u``,
+  its sparsity ``1 - mean(|W'| > sigmoid(s + u))`` would exceed ``ceiling``: then ``u`` becomes
+  ``min(u, 0)``. The test is on the mask the update produces, not the previous one, so no
+  threshold update, however large, takes a layer past the ceiling and silently disconnects
+  the network. Returns the updates and how many layers are held."""
   held = jnp.zeros((), jnp.int32)
   if ceiling is None:
     return threshold_updates, held
-  leaves, treedef = jax.tree.flatten(threshold_updates)
-  if not leaves:
-    return threshold_updates, held
+  treedef, (ws, ss, us) = _flat(weights, thresholds, threshold_updates)
   out = []
-  for u, m in zip(leaves, treedef.flatten_up_to(masks), strict=True):
-    full = 1.0 - jnp.mean(m, dtype=jnp.float32) >= ceiling
+  for w, s, u in zip(ws, ss, us, strict=True):
+    if u is None:
+      out.append(None)
+      continue
+    tau = jax.nn.sigmoid(optax.apply_updates(s, u)).astype(w.dtype)
+    kept = jnp.sum(jnp.abs(w) > tau, dtype=jnp.int32)
+    full = kept < w.size * (1.0 - ceiling)  # i.e. 1 - kept / size > ceiling, without rounding
     held = held + full.astype(jnp.int32)
     out.append(jnp.where(full, jnp.minimum(u, 0.0), u))
   return treedef.unflatten(out), held
@@ -322,11 +328,11 @@ def optax_chain(
       latent_grads.thresholds, threshold_state, latent.thresholds, **extra_args
     )
     s_updates, controller_state = controller.update(s_updates, state.controller, params)
-    s_updates, at_ceiling = _hold_at_ceiling(s_updates, masked.masks, parts.max_layer_sparsity)
-    new_latent = LatentParams(
-      optax.apply_updates(latent.weights, w_updates),
-      optax.apply_updates(latent.thresholds, s_updates),
+    new_weights = optax.apply_updates(latent.weights, w_updates)
+    s_updates, at_ceiling = _hold_at_ceiling(
+      s_updates, latent.thresholds, new_weights, parts.max_layer_sparsity
     )
+    new_latent = LatentParams(new_weights, optax.apply_updates(latent.thresholds, s_updates))
     # The params after this update are the model of step `annealing.step`.
     effective, mask_state = parts.stage.sparsify(new_latent, mask_state, annealing.step)
     if parts.regrown is not None:  # grown/dropped weights restart at zero, moments too

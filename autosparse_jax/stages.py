@@ -172,10 +172,12 @@ def _pruned_leaves(weights: Params, prunable: Prunable):
 
 class TopKState(NamedTuple):
   """Per pruned leaf, the :class:`autosparse_jax.topk.Cutoff` of the forward and backward sets
-  of the current latent weights (``None`` elsewhere), found once per step by ``sparsify``."""
+  of the current latent weights (``None`` elsewhere), found once per step by ``sparsify``
+  (starting from the previous step's cuts), and how many passes that search took."""
 
   forward: Params
   backward: Params
+  passes: jax.Array
 
 
 def topk_mask(
@@ -212,8 +214,9 @@ def topk_mask(
     raise ValueError(f"penalty: must be >= 0, got {penalty}")
   density = 1.0 - forward
 
-  def search(latent):
-    """The cuts of A and B of every pruned leaf, in one joint search; None elsewhere."""
+  def search(latent, previous=None):
+    """The cuts of A and B of every pruned leaf, in one joint search (each kernel read once
+    per pass for both budgets), warm-started from ``previous``'s cuts; None elsewhere."""
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ws = [w for w, f in zip(leaves, flags, strict=True) if f]
     sparsities = (forward,) if backward == forward else (forward, backward)
@@ -221,20 +224,30 @@ def topk_mask(
       counts = [topk.keep_count(w.size, s) for s in sparsities for w in ws]
     else:
       counts = [k for s in sparsities for k in budget.keep_counts([w.shape for w in ws], s)]
-    found = iter(topk.cutoffs(ws * len(sparsities), counts))
+    start = None
+    if previous is not None:
+      sets = (previous.forward, previous.backward)[: len(sparsities)]
+      start = [
+        c.value
+        for cuts in sets
+        for c, f in zip(treedef.flatten_up_to(cuts), flags, strict=True)
+        if f
+      ]
+    found = topk.search(ws * len(sparsities), counts, start)
+    cuts = iter(found.cuts)
     sets = []
     for _ in sparsities:
-      sets.append(treedef.unflatten([next(found) if f else None for f in flags]))
+      sets.append(treedef.unflatten([next(cuts) if f else None for f in flags]))
     if len(sets) == 1:  # B = A, held as a copy: state leaves sharing a buffer cannot be donated
       sets.append(jax.tree.map(jnp.copy, sets[0]))
-    return TopKState(*sets)
+    return TopKState(*sets, found.passes)
 
   def masks(leaves, cuts):
     return [None if c is None else topk.mask(w, c) for w, c in zip(leaves, cuts, strict=True)]
 
   def init(latent):
     if not jax.tree.leaves(latent.weights):  # optax.tree_map_params' placeholder
-      return TopKState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+      return TopKState(*[jnp.zeros((), jnp.int32) for _ in range(3)])
     return search(latent)
 
   def update(grads, state, latent):
@@ -256,8 +269,8 @@ def topk_mask(
     return MaskedGradients(treedef.unflatten(out), treedef.unflatten(fwd), nones, nones), state
 
   def sparsify(latent, state, step):
-    del state, step
-    state = search(latent)  # cached for the next update, whose latent this is
+    del step
+    state = search(latent, state)  # cached for the next update, whose latent this is
     leaves, treedef = jax.tree.flatten(latent.weights)
     fwd = masks(leaves, treedef.flatten_up_to(state.forward))
     eff = [None if m is None else jnp.where(m, w, 0) for w, m in zip(leaves, fwd, strict=True)]

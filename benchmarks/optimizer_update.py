@@ -48,20 +48,30 @@ import optax
 
 import autosparse_jax as autosparse
 from autosparse_jax import topk
-from autosparse_jax.models import get_model
+from autosparse_jax.models import TRANSFORMER_PRUNABLE, get_model
+from autosparse_jax.selection import select_leaves
 
-SEARCH_PASSES = 32  # 31 bisection steps over the bit patterns + 1 tie check (count(b > v))
 SPARSITY = 0.8
+# name -> (registry name, model overrides, init input, prunable rules)
+TREES = {
+  "resnet50": ("resnet50", {}, (1, 224, 224, 3), None),
+  "vit_tiny": ("vit_tiny", {}, (1, 224, 224, 3), TRANSFORMER_PRUNABLE),
+  "gpt2_small": ("gpt2_small", {}, (1, 8), TRANSFORMER_PRUNABLE),
+}
 NO_CEILING = "AutoSparse, no ceiling"
 
 
-def param_shapes(smoke: bool):
+def param_shapes(tree: str, smoke: bool):
+  """The param tree's shapes and its prunable rules."""
   if smoke:
-    model, x = get_model("lenet_300_100", 10), jnp.zeros((1, 784))  # fastest to compile
+    name, overrides, shape, prunable = "lenet_300_100", {}, (1, 784), None  # fast to compile
   else:
-    model, x = get_model("resnet50", 1000), jnp.zeros((1, 224, 224, 3))
+    name, overrides, shape, prunable = TREES[tree]
+  model = get_model(name, 1000 if name != "gpt2_small" else 50257, **overrides)
+  dtype = jnp.int32 if name.startswith("gpt") else jnp.float32
+  x = jnp.zeros(shape, dtype)
   shapes = jax.eval_shape(lambda k: model.init(k, x, train=False), jax.random.key(0))
-  return shapes["params"]
+  return shapes["params"], prunable
 
 
 def random_tree(shapes, key, scale):
@@ -79,7 +89,7 @@ def nbytes(tree) -> int:
   return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def traffic(name: str, n: int, p: int) -> dict[str, float]:
+def traffic(name: str, n: int, p: int, passes: float = 0.0) -> dict[str, float]:
   """Bytes an update moves, by a pass model (float32: 4 bytes per element; masks 1 byte).
 
   ``n``: all params; ``p``: pruned kernel weights. ``stream``: elementwise passes; ``search``:
@@ -93,15 +103,15 @@ def traffic(name: str, n: int, p: int) -> dict[str, float]:
     of M can share it); then the update pass reads g, W, mu, p and writes W, mu, p
     (updates = W_eff_new - p, then p + updates): 7 arrays.
   * TopKAST: the same 7 arrays (``update`` rebuilds the masks of the old latent W from the
-    cut-offs cached in the state, in the pass that reads W anyway), plus one top-k search
-    (31 bisection passes + 1 tie check over the kernels' 4-byte bit patterns) on the new W in
-    ``sparsify``. With backward != forward sparsity (TopKAST+GA here) the search is joint over
-    both budgets: every pass counts each kernel twice, counted here as two searches' reads.
+    cut-offs cached in the state, in the pass that reads W anyway), plus one top-k search of
+    ``passes`` passes (measured: the state's ``passes`` after the timed updates) over the
+    kernels' 4-byte bit patterns on the new W in ``sparsify``. With backward != forward
+    sparsity (TopKAST+GA here) one search serves both budgets: each pass reads a kernel once.
   * GradualMagnitude between pruning steps: the 7 arrays plus the boolean mask read and
     written (it is carried through a ``lax.cond``); one search every ``frequency`` steps.
   """
   f32 = 4
-  searches = {"TopKAST": 1, "TopKAST+GA": 2}.get(name, 0)
+  searches = {"TopKAST": 1, "TopKAST+GA": 1}.get(name, 0)
   if name == "base":
     stream = 5 * f32 * n
   elif name.startswith("AutoSparse"):
@@ -116,8 +126,9 @@ def traffic(name: str, n: int, p: int) -> dict[str, float]:
     raise ValueError(name)
   return {
     "stream_bytes": float(stream),
-    "search_bytes": float(searches * SEARCH_PASSES * f32 * p),
+    "search_bytes": float(searches * passes * f32 * p),
     "searches": searches,
+    "search_passes": float(passes),
   }
 
 
@@ -232,6 +243,7 @@ def _xla_bytes(compiled) -> float | None:
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--smoke", action="store_true", help="LeNet-300-100 tree, 8 MB buffer, 2 rounds")
+  ap.add_argument("--tree", default="resnet50", choices=sorted(TREES), help="the param tree")
   ap.add_argument("--out", default="benchmarks/results/optimizer_update.json")
   ap.add_argument("--methods", default=",".join(C.methods()))
   ap.add_argument("--bandwidth-mb", type=int, default=512, help="size of the bandwidth buffer")
@@ -249,25 +261,27 @@ def main(argv: list[str] | None = None) -> int:
 
   head = C.header()
   method_names = args.methods.split(",")
-  shapes = param_shapes(args.smoke)
+  shapes, prunable = param_shapes(args.tree, args.smoke)
   kp, kg, kx = jax.random.split(jax.random.key(args.seed), 3)
   params = random_tree(shapes, kp, 0.05)
   grads = random_tree(shapes, kg, 1e-3)
   leaves = jax.tree.leaves(params)
   n = sum(w.size for w in leaves)
-  kernels = [w for w in leaves if w.ndim >= 2]
+  kernels = [w for w, f in zip(leaves, select_leaves(params, prunable), strict=True) if f]
   p = sum(w.size for w in kernels)
   print(f"param tree: {n:,} params, {len(kernels)} kernels with {p:,} weights", flush=True)
 
   base = C.base_optimizer()
   all_methods = C.methods()
-  txs = {"base": base} | {m: autosparse.optax_chain(base, all_methods[m]) for m in method_names}
+  txs = {"base": base} | {
+    m: autosparse.optax_chain(base, all_methods[m], prunable) for m in method_names
+  }
   if "AutoSparse" in method_names and getattr(
     all_methods["AutoSparse"], "max_layer_sparsity", None
   ):
     # The per-layer sparsity ceiling counts every layer's mask each step: its cost, apart.
     txs[NO_CEILING] = autosparse.optax_chain(
-      base, dataclasses.replace(all_methods["AutoSparse"], max_layer_sparsity=None)
+      base, dataclasses.replace(all_methods["AutoSparse"], max_layer_sparsity=None), prunable
     )
   arms: dict[str, Any] = {}
   state_bytes = {}
@@ -276,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     arms[name] = UpdateArm(tx, params, grads)
     print(f"  compiled {name} in {arms[name].compile_s:.1f} s", flush=True)
   counts = [topk.keep_count(w.size, SPARSITY) for w in kernels]
-  arms["search"] = FnArm(lambda ws: topk.cutoffs(ws, counts), kernels)
+  arms["search"] = FnArm(lambda ws: topk.cutoffs(ws, counts), kernels)  # cold: no start
+  cold_passes = int(jax.jit(lambda ws: topk.search(ws, counts).passes)(kernels))
   elems = args.bandwidth_mb * 2**20 // 4
   buf = jax.random.normal(kx, (elems,), jnp.float32)
   arms["copy"] = CopyArm(jnp.copy(buf))
@@ -320,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
   base_state = state_bytes["base"]
   for name in [*txs, "search"]:
     arm, ts = arms[name], times[name]
-    model = traffic(name, n, p)
+    passes = getattr(getattr(arm, "state", None), "mask", None)
+    passes = cold_passes if name == "search" else int(getattr(passes, "passes", 0))
+    model = traffic(name, n, p, passes)
     total = model["stream_bytes"] + model["search_bytes"]
     med = float(np.median(ts))
     bound = total / cbw
@@ -339,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if name != "search":
       entry |= {
         "state_bytes": state_bytes[name],
+        "state_bytes_per_param": state_bytes[name] / n,
         "state_vs_base": state_bytes[name] / base_state,
         "params_plus_state_vs_base": (4 * n + state_bytes[name]) / (4 * n + base_state),
         "update_temp_bytes": arm.temp_bytes,
@@ -348,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
       }
     results[name] = entry
 
-  tree = "LeNet-300-100 (smoke)" if args.smoke else "ResNet-50"
+  tree = "LeNet-300-100 (smoke)" if args.smoke else args.tree
   payload = head | {
     "benchmark": "optimizer_update",
     "smoke": args.smoke,
@@ -385,13 +403,14 @@ def render(payload: dict[str, Any]) -> str:
         name,
         C.fmt_ms(e["time_s"]["median"]),
         "1" if name == "base" else f"**{q['ratio']:.2f}** [{q['ci95_lo']:.2f}, {q['ci95_hi']:.2f}]",
-        f"{e['bytes_model']['searches']}",
+        f"{e['bytes_model']['search_passes']:.0f}" if e["bytes_model"]["searches"] else "—",
         _mb(e["bytes_model"]["total_bytes"]),
         f"{e['bytes_vs_base']:.1f}",
         f"{e['effective_GBps']:.1f}",
         C.fmt_ms(e["bound_s"]),
         f"{e['bound_over_measured']:.0%}",
         f"{_mb(e['state_bytes'])} ({e['state_vs_base']:.2f}x)" if own else "—",
+        f"{e['state_bytes_per_param']:.1f}" if own else "—",
         f"{e['params_plus_state_vs_base']:.2f}" if own else "—",
         _mb(e["update_peak_bytes"]) if own else "—",
         f"{e['xla_array_copies']} ({_mb(e['xla_array_copy_bytes'])})" if own else "—",
@@ -414,13 +433,14 @@ def render(payload: dict[str, Any]) -> str:
           "arm",
           "ms/update",
           "ratio to base [95% CI]",
-          "top-k searches",
+          "top-k passes",
           "MB moved (model)",
           "x base bytes",
           "effective GB/s",
           "bound ms",
           "bound / measured",
           "state MB (x base)",
+          "state B/param",
           "params+state x base",
           "update peak MB",
           "XLA array copies (MB)",
@@ -430,7 +450,9 @@ def render(payload: dict[str, Any]) -> str:
       "",
       f"`{NO_CEILING}`: AutoSparse with `max_layer_sparsity=None` (no per-layer count of the "
       "mask for the sparsity ceiling). "
-      "`search` = one `topk.cutoffs` over all kernels (80% sparsity). MB moved: the pass model "
+      "`search` = one cold `topk.cutoffs` over all kernels (80% sparsity); the TopKAST arms' "
+      "searches start from the previous step's cut. Top-k passes: whole-kernel passes of the "
+      "last search. MB moved: the pass model "
       "in `optimizer_update.traffic` (minimum traffic of the update as computed). Bound = MB "
       "moved / copy bandwidth; bound / measured near 100% means the update runs at the memory "
       "limit. Update peak = XLA's arguments + outputs - donated aliases + temporaries of the "
@@ -450,7 +472,7 @@ def restat(payload: dict[str, Any]) -> dict[str, Any]:
   copy_bw = payload["bandwidth"]["copy_GBps"]["median"] * 1e9
   for name, e in results.items():
     e["ratio_to_base"] = C.ratio_stats(e["times_s"], base, seed=payload.get("seed", 0))
-    model = traffic(name, n, p)
+    model = traffic(name, n, p, e["bytes_model"].get("search_passes", 0.0))
     total = model["stream_bytes"] + model["search_bytes"]
     med = float(np.median(e["times_s"]))
     e |= {

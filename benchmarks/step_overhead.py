@@ -32,16 +32,26 @@ import numpy as np
 import optax
 
 import autosparse_jax as autosparse
-from autosparse_jax.models import get_model
+from autosparse_jax.models import TRANSFORMER_PRUNABLE, get_model
 
 
 class ModelCase(NamedTuple):
   name: str  # registry name
   label: str  # what the table says
-  num_classes: int
-  input_shape: tuple[int, ...]  # NHWC, batch first
+  num_classes: int  # classes, or a GPT's vocabulary
+  input_shape: tuple[int, ...]  # NHWC images or (batch, length) tokens
   budget_s: float  # interleaved timing budget (compilation not included)
   min_rounds: int
+  overrides: tuple[tuple[str, Any], ...] = ()  # get_model keyword overrides
+
+  @property
+  def tokens(self) -> bool:
+    return self.name.startswith("gpt")
+
+  @property
+  def prunable(self):
+    """Transformers prune attention and MLP kernels only; the others every kernel."""
+    return TRANSFORMER_PRUNABLE if self.name.startswith(("gpt", "vit")) else None
 
 
 def cases(args) -> list[ModelCase]:
@@ -59,17 +69,42 @@ def cases(args) -> list[ModelCase]:
     "resnet50": ModelCase(
       "resnet50", f"ResNet-50, {hw}x{hw}x3, batch {b}", 1000, (b, hw, hw, 3), 120, 8
     ),
+    "vit_tiny": ModelCase(
+      "vit_tiny",
+      "ViT-Ti/4, CIFAR 32x32x3, batch 32",
+      10,
+      (32, 32, 32, 3),
+      75,
+      10,
+      (("patch", 4),),
+    ),
+    "gpt_tiny": ModelCase(
+      "gpt_tiny", "GPT 4-layer (width 128, vocab 256), batch 16 x 128", 256, (16, 128), 75, 10
+    ),
+    # Realistic sizes, for an accelerator (benchmarks/device_suite.py).
+    "vit_ti16": ModelCase(
+      "vit_tiny", "ViT-Ti/16, 224x224x3, batch 128", 1000, (128, 224, 224, 3), 60, 8
+    ),
+    "gpt2_small": ModelCase(
+      "gpt2_small", "GPT-2 small (124M), batch 8 x 1024", 50257, (8, 1024), 60, 8
+    ),
   }
   return [all_cases[m] for m in args.models.split(",")]
 
 
 def make_step(model, tx):
+  """A donated train step; ``batch_stats`` is an empty dict for models without batch norm."""
+
   def loss_fn(params, batch_stats, x, y):
-    logits, new = model.apply(
-      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-    )
+    if batch_stats:
+      logits, new = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
+      batch_stats = new["batch_stats"]
+    else:
+      logits = model.apply({"params": params}, x, train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, new["batch_stats"]
+    return loss, batch_stats
 
   def step(params, batch_stats, opt_state, x, y):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -86,7 +121,7 @@ class Arm:
 
   def __init__(self, model, tx, variables, x, y):
     self.params = jax.tree.map(jnp.copy, variables["params"])
-    self.batch_stats = jax.tree.map(jnp.copy, variables["batch_stats"])
+    self.batch_stats = jax.tree.map(jnp.copy, variables.get("batch_stats", {}))
     self.opt_state = jax.jit(tx.init)(self.params)
     self.x, self.y = x, y
     t = time.perf_counter()
@@ -114,10 +149,14 @@ class Arm:
 
 def bench_model(case: ModelCase, method_names: list[str], args) -> dict[str, Any]:
   print(f"\n{case.label}", flush=True)
-  model = get_model(case.name, case.num_classes)
+  model = get_model(case.name, case.num_classes, dtype=args.dtype, **dict(case.overrides))
   kx, ky, kinit = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, case.input_shape, jnp.float32)
-  y = jax.random.randint(ky, (case.input_shape[0],), 0, case.num_classes)
+  if case.tokens:  # next-token prediction on random tokens
+    x = jax.random.randint(kx, case.input_shape, 0, case.num_classes)
+    y = jnp.roll(x, -1, axis=1)
+  else:
+    x = jax.random.normal(kx, case.input_shape, jnp.float32)
+    y = jax.random.randint(ky, (case.input_shape[0],), 0, case.num_classes)
   variables = jax.jit(lambda k: model.init(k, x, train=False))(kinit)
   leaves = jax.tree.leaves(variables["params"])
   n_params = sum(w.size for w in leaves)
@@ -125,7 +164,9 @@ def bench_model(case: ModelCase, method_names: list[str], args) -> dict[str, Any
 
   base = C.base_optimizer()
   all_methods = C.methods()
-  txs = {"base": base} | {m: autosparse.optax_chain(base, all_methods[m]) for m in method_names}
+  txs = {"base": base} | {
+    m: autosparse.optax_chain(base, all_methods[m], case.prunable) for m in method_names
+  }
   arms: dict[str, Arm] = {}
   for name, tx in txs.items():
     arms[name] = Arm(model, tx, variables, x, y)
@@ -156,6 +197,7 @@ def bench_model(case: ModelCase, method_names: list[str], args) -> dict[str, Any
     "model": case.name,
     "label": case.label,
     "input_shape": list(case.input_shape),
+    "dtype": args.dtype,
     "num_classes": case.num_classes,
     "params": int(n_params),
     "kernel_params": int(n_kernel),
@@ -173,7 +215,10 @@ def bench_model(case: ModelCase, method_names: list[str], args) -> dict[str, Any
       "times_s": [float(v) for v in ts],
     }
     if name != "base":  # ratio_to_base and extra_ms: restat()
-      entry["sparsity_after"] = float(autosparse.sparsity(arm.params).total)
+      entry["sparsity_after"] = float(autosparse.sparsity(arm.params, case.prunable).total)
+      passes = getattr(arm.opt_state.mask, "passes", None)
+      if passes is not None:  # the top-k search of the last step
+        entry["topk_passes_last_step"] = int(passes)
     result["arms"][name] = entry
   return result
 
@@ -207,6 +252,7 @@ def table(results: list[dict[str, Any]]) -> str:
           f"{q['paired_q1']:.3f} – {q['paired_q3']:.3f}",
           verdict(q),
           f"{a['sparsity_after']:.2f}",
+          a.get("topk_passes_last_step", "—"),
           q["rounds"],
         ]
       )
@@ -222,6 +268,7 @@ def table(results: list[dict[str, Any]]) -> str:
       "per-round IQR",
       "within 5%",
       "sparsity",
+      "top-k passes",
       "rounds",
     ],
     rows,
@@ -238,7 +285,8 @@ def render(payload: dict[str, Any]) -> str:
     "95% CI by bootstrap over rounds, per-round IQR = quartiles of chain/base within a round; "
     "ms/step = medians over rounds; extra ms = (ratio - 1) x base ms/step. Sparsity = "
     "fraction of zero kernel weights in the params after the run. Within 5%: yes / no when "
-    "the whole CI is below / above 1.05. Base: `add_decayed_weights(5e-5)` + "
+    "the whole CI is below / above 1.05. Top-k passes: whole-kernel passes of the last "
+    "step's top-k search (warm-started from the previous cut). Base: `add_decayed_weights(5e-5)` + "
     "`sgd(0.1, momentum=0.875)`.\n",
     table(payload["results"]),
     "",
@@ -264,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny models, 3 rounds: seconds (CI)")
   p.add_argument("--out", default="benchmarks/results/step_overhead.json")
-  p.add_argument("--models", default="lenet5,resnet20,resnet50")
+  p.add_argument("--models", default="lenet5,resnet20,resnet50,vit_tiny,gpt_tiny")
   p.add_argument("--methods", default=",".join(C.methods()))
   p.add_argument("--resnet50-size", type=int, default=224, help="input height = width")
   p.add_argument("--resnet50-batch", type=int, default=2)
+  p.add_argument(
+    "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype"
+  )
   p.add_argument("--block-s", type=float, default=0.25, help="target seconds per block")
   p.add_argument("--budget-scale", type=float, default=1.0, help="scales each model's budget")
   p.add_argument("--seed", type=int, default=0)

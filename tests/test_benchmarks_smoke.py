@@ -123,3 +123,30 @@ def test_mnist_sparsity_accuracy_smoke(tmp_path):
   assert all(0.0 <= row["sparsity_mean"] <= 1.0 for row in payload["table"])
   assert out.with_suffix(".png").stat().st_size > 0
   assert not out.with_suffix(".runs.jsonl").exists()  # the partial log is folded into the JSON
+
+
+def test_device_suite_smoke(tmp_path):
+  """The device suite runs each of its scripts in smoke mode and records every part."""
+  out_dir = tmp_path / "device"
+  cmd = [sys.executable, str(BENCHMARKS / "device_suite.py"), "--smoke", "--out-dir", str(out_dir)]
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * TIMEOUT_S, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  payload = json.loads((out_dir / "device_suite.json").read_text())
+  parts = payload["parts"]
+  assert set(parts) == {
+    "step_overhead_resnet50",
+    "step_overhead_transformers",
+    "optimizer_update",
+    "mnist_lenet5",
+  }
+  ran = {n for n, p in parts.items() if p["status"] == "ok"}
+  assert ran == {"step_overhead_resnet50", "optimizer_update", "mnist_lenet5"}
+  update = json.loads((out_dir / "optimizer_update.json").read_text())["results"]
+  assert update["TopKAST"]["bytes_model"]["search_passes"] > 0
+  assert update["AutoSparse"]["state_bytes_per_param"] > 0
+  step = json.loads((out_dir / "step_overhead_resnet50.json").read_text())["results"][0]
+  assert step["dtype"] == "bfloat16"
+  assert step["arms"]["TopKAST+GA"]["topk_passes_last_step"] > 0
+  assert (out_dir / "mnist_lenet5.md").exists()

@@ -346,3 +346,31 @@ def test_a_regex_that_matches_no_path_is_an_error():
   good = autosparse.kernels(exclude=(r"^conv_init/",))
   state = autosparse.optax_chain(optax.sgd(0.1), METHOD, prunable=good).init(params)
   assert autosparse.selection.leaf_paths(state.latent.thresholds) == ["head/kernel"]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_no_single_update_takes_a_layer_past_the_ceiling(granularity):
+  """An absurd threshold learning rate (tau jumps from ~0.05 to ~1 in one step, above every
+  weight) must not prune a layer past max_layer_sparsity: the ceiling is checked on the mask
+  the update produces. The same update without the guard prunes the whole layer."""
+  rng = np.random.default_rng(0)
+  params = {"fc": {"kernel": jnp.asarray(rng.uniform(0.1, 0.9, (8, 6)), jnp.float32)}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for ceiling in (0.5, None):
+    method = autosparse.STR(
+      threshold_init=-3.0,
+      granularity=granularity,
+      threshold_weight_decay=1.0,
+      threshold_optimizer=optax.sgd(1e4),
+      max_layer_sparsity=ceiling,
+    )
+    tx = autosparse.optax_chain(optax.sgd(0.1), method)
+    updates, state = jax.jit(tx.update)(zero, tx.init(params), params)
+    w = np.asarray(optax.apply_updates(params, updates)["fc"]["kernel"])
+    sparsity = float(np.mean(w == 0))
+    if ceiling is None:
+      assert sparsity == 1.0  # the update the guard has to stop
+    else:
+      assert sparsity <= ceiling
+      assert int(state.layers_at_ceiling) == 1
+      np.testing.assert_array_equal(state.latent.thresholds["fc"]["kernel"], -3.0)

@@ -135,3 +135,72 @@ def test_gradual_magnitude_follows_the_cubic_schedule_and_keeps_pruned_weights_z
 def test_bad_sparsity_arguments_name_the_argument(make, arg):
   with pytest.raises(ValueError, match=arg):
     make()
+
+
+_search = jax.jit(topk.search)
+_cold_search = jax.jit(lambda ws, ks: topk.search(ws, ks))
+
+
+def _random_case(rng, kind, shape):
+  if kind == "ties":
+    return rng.integers(-3, 4, size=shape).astype(np.float32)
+  if kind == "scaled":  # far from any start: a jump of many binades
+    return (rng.normal(size=shape) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+  if kind == "zeros":  # half exact zeros, as gradual magnitude's survivors
+    return np.where(rng.random(shape) < 0.5, 0, rng.normal(size=shape)).astype(np.float32)
+  return rng.normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["ties", "normal", "scaled", "zeros"])
+def test_search_is_exact_from_any_start_and_for_repeated_arrays(kind):
+  """Any start (a cold one, one from another binade, the extremes) gives the oracle's mask; an
+  array listed twice (TopKAST's two budgets) gets both counts exact."""
+  rng = np.random.default_rng(len(kind))
+  for _ in range(3):
+    ws = [jnp.asarray(_random_case(rng, kind, s)) for s in [(13, 7), (3, 3, 2, 5), (40,)]]
+    ks = [int(rng.integers(0, w.size + 1)) for w in ws]
+    ks += [int(rng.integers(0, k + 1)) for k in ks]
+    ws = ws + ws
+    starts = [int(rng.integers(0, 2**31 - 1)) for _ in ws]
+    starts[0], starts[1] = 0, 2**31 - 2
+    for found in (_search(ws, ks, starts), _cold_search(ws, ks)):
+      for w, k, cut in zip(ws, ks, found.cuts, strict=True):
+        got = np.asarray(topk.mask(w, cut))
+        assert got.sum() == k
+        np.testing.assert_array_equal(got, oracle_mask(np.asarray(w), k))
+
+
+def test_warm_search_takes_few_passes():
+  """Started from the previous cut after a small drift, the search needs far fewer passes than
+  the 31 of a bisection, for both budgets together."""
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.normal(size=(300, 100)) * 0.05, jnp.float32)
+  ks = [topk.keep_count(w.size, 0.8), topk.keep_count(w.size, 0.5)]
+  found = _cold_search([w, w], ks)
+  for _ in range(3):
+    w = w + jnp.asarray(rng.normal(size=w.shape) * 1e-4, jnp.float32)
+    found = _search([w, w], ks, [c.value for c in found.cuts])
+    for k, cut in zip(ks, found.cuts, strict=True):
+      np.testing.assert_array_equal(topk.mask(w, cut), oracle_mask(np.asarray(w), int(k)))
+    assert int(found.passes) <= 12
+
+
+def test_topkast_stays_exact_when_the_latent_weights_jump():
+  """A restore or a surgery that rescales the latent weights by 1e6 leaves the state's cuts far
+  from the new ones: the warm-started search must still give exact counts."""
+  params = mlp_params(jax.random.key(8), sizes=(10, 20, 5))
+  x, y = jnp.ones((4, 10)), jnp.zeros((4, 5))
+  tx = autosparse.optax_chain(optax.sgd(0.01), autosparse.TopKAST(0.8, 0.5))
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(mlp_loss)(p, x, y), s, p))
+  updates, state = step(params, state)
+  params = optax.apply_updates(params, updates)
+  jumped = jax.tree.map(lambda w: w * 1e6 if w.ndim == 2 else w, state.latent.weights)
+  state = state._replace(latent=state.latent._replace(weights=jumped))
+  updates, state = step(params, state)
+  params = optax.apply_updates(params, updates)
+  assert int(state.mask.passes) > 0
+  for name, w in kernels_of(params).items():
+    latent = np.asarray(state.latent.weights["params"][name]["kernel"])
+    expected = oracle_mask(latent, round(0.2 * latent.size))
+    np.testing.assert_array_equal(w != 0, expected & (latent != 0))

@@ -17,7 +17,13 @@ Registry names (``get_model(name, num_classes, **overrides)``):
 ``mobilenet_v1``   ImageNet MobileNetV1, ``width`` multiplier (default 1.0)
 ``resnet_tiny``    CIFAR-stem bottleneck ResNet, stages (1, 1), 8 filters -- for tests
 ``mobilenet_tiny`` MobileNetV1, width 0.25, 3 blocks -- for tests
+``vit_tiny``       ViT-Ti/16 (224x224 images); variables ``{'params'}`` only
+``gpt2_small``     GPT-2 small layout, ``num_classes`` = vocabulary; int token input
+``gpt_tiny``       GPT, 4 layers, width 128, 4 heads, context 128 -- for tests and benchmarks
 =================  ==============================================================
+
+The transformers prune only their attention and MLP kernels: pass
+:data:`TRANSFORMER_PRUNABLE` as ``prunable`` to :func:`autosparse_jax.optax_chain`.
 
 Keyword overrides replace any dataclass field, e.g.
 ``get_model("resnet50", 10, stage_sizes=(1, 1), num_filters=8)`` or
@@ -41,10 +47,13 @@ from autosparse_jax.models.resnet import (
   ResNet20,
   ResNet50,
 )
+from autosparse_jax.models.transformer import GPT, TRANSFORMER_PRUNABLE, ViT
 
 __all__ = [
   "MODELS",
   "MOBILENET_V1_BLOCKS",
+  "TRANSFORMER_PRUNABLE",
+  "GPT",
   "BasicBlock",
   "BottleneckBlock",
   "DepthwiseSeparable",
@@ -55,6 +64,7 @@ __all__ = [
   "ResNet18",
   "ResNet20",
   "ResNet50",
+  "ViT",
   "get_model",
 ]
 
@@ -79,6 +89,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     ResNet, stage_sizes=(1, 1), block="bottleneck", num_filters=8, stem="cifar"
   ),
   "mobilenet_tiny": _with_defaults(MobileNetV1, width=0.25, blocks=((64, 1), (128, 2), (256, 2))),
+  "vit_tiny": _with_defaults(ViT),
+  "gpt2_small": _with_defaults(GPT),
+  "gpt_tiny": _with_defaults(GPT, max_len=128, width=128, depth=4, num_heads=4, mlp_dim=512),
 }
 
 
