@@ -155,8 +155,8 @@ def test_killed_anywhere_resumes_bitwise_identical(reference, env, tmp_path):
   (output,) = run(workdir, env, "--kill-during-save", "6", rc=-9)
   assert re.search(r"checkpoint \S+/3 was never completed", output)
   run(workdir, env, "--kill-before-save", "8", rc=-9)
-  # SIGTERM: the run saves the step it is at and exits cleanly.
-  (output,) = run(workdir, env, "--sigterm-after", "10")
+  # SIGTERM: the run saves the step it is at and exits 143 (128 + SIGTERM), as schedulers expect.
+  (output,) = run(workdir, env, "--sigterm-after", "10", rc=143)
   assert "preempted at step 10" in output
   assert 10 in committed(workdir)
   (output,) = run(workdir, env)
@@ -228,7 +228,9 @@ def test_two_processes_match_one_and_resume_across_both(reference, env, tmp_path
   run(workdir, env, "--kill-before-save", "5", processes=2, rc=-9)  # the whole job dies
   # SIGTERM to process 0 only: JAX's preemption service stops both at the same step, each
   # writing its part of the checkpoint.
-  outputs = run(workdir, env, "--sigterm-after", "6", "--fault-in-process", "0", processes=2)
+  outputs = run(
+    workdir, env, "--sigterm-after", "6", "--fault-in-process", "0", processes=2, rc=143
+  )
   stops = [int(re.search(r"preempted at step (\d+)", o).group(1)) for o in outputs]
   assert stops[0] == stops[1] and stops[0] in committed(workdir), stops
   outputs = run(workdir, env, processes=2)
