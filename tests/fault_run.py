@@ -78,6 +78,7 @@ def install_fault(args) -> None:
     if step == args.sigint_after:
       kill(signal.SIGINT)
     if step == args.pause_after:
+      self.manager.wait_until_finished()  # the workdir holds still while paused
       Path(f"{args.workdir}.paused").touch()
       while not Path(f"{args.workdir}.resume").exists():
         time.sleep(0.05)
