@@ -133,8 +133,10 @@ def main():
   if args.fault_in_process in (None, args.process_id):
     install_fault(args)
   from autosparse_jax import train
+  from autosparse_jax.train import logs
   from autosparse_jax.train.errors import TrainingError
 
+  logs.quiet_library_logs()  # as the command does
   overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,12 +204,13 @@ def test_resumes_off_the_log_interval_report_as_the_uninterrupted_run(subprocess
   (output,) = run(ref_dir, subprocess_env, *settings)
   ref_result = result_of(output)
   workdir = tmp_path / "run"
-  # SIGKILL at step 8: resumes from 6, inside the log window 5-8.
+  # SIGKILL at step 8: resumes from 6 (or 3, if the save of 6 was still in flight), inside a
+  # log window (5-8 or 1-4).
   run(workdir, subprocess_env, *settings, "--kill-before-save", "8", rc=-9)
   assert json.loads((workdir / lock.LOCK_FILE).read_text())["pid"]  # left by the dead job
   # Ctrl-C at step 10: saved, a one-line message, exit 130 (128 + SIGINT).
   (output,) = run(workdir, subprocess_env, *settings, "--sigint-after", "10", rc=130)
-  assert "taking it over" in output and resumed_from(output) == 6
+  assert "taking it over" in output and resumed_from(output) in (3, 6)
   assert "ERROR stopped by SIGINT at step 10" in output and "Traceback" not in output
   assert 10 in committed(workdir)
   # SIGKILL after the final checkpoint, before the summary.
@@ -296,7 +298,7 @@ def test_full_disk_says_so_in_one_line_and_keeps_earlier_checkpoints(
   mount.mkdir()
   workdir = mount / "run"
   saved = tmp_path / "copied_out"
-  # A 600 KiB tmpfs holds the checkpoints of steps 3 and 6 (about 200 KiB each) but not 9.
+  # A 600 KiB tmpfs holds two or three checkpoints (about 200 KiB each) of the four.
   script = (
     f'mount -t tmpfs -o size=600k tmpfs "{mount}" && '
     f'"{sys.executable}" "{SCRIPT}" "{workdir}"; code=$?; '
@@ -305,13 +307,21 @@ def test_full_disk_says_so_in_one_line_and_keeps_earlier_checkpoints(
   (output,) = run(workdir, subprocess_env, rc=74, prefix=("unshare", "-rm", "sh", "-c", script))
   errors_ = [line for line in output.splitlines() if line.startswith("ERROR ")]
   assert len(errors_) == 1, output[-3000:]
-  assert "failed: no space left on device" in errors_[0]
-  assert "the earlier checkpoints (3, 6) are intact" in errors_[0]
-  assert "Traceback" not in output
-  assert committed(saved) == [3, 6]
+  # orbax's writer threads may still print their own failures; none goes through our code.
+  assert not re.search(r'File "[^"]*autosparse_jax', output), output[-3000:]
+  found = re.fullmatch(
+    r"ERROR saving checkpoint (\S+)/checkpoints/(\d+) failed: no space left on device; the "
+    r"earlier checkpoints \(([\d, ]+)\) are intact\. Free space and run the same command to "
+    r"resume\.",
+    errors_[0],
+  )
+  assert found, errors_[0]
+  assert found.group(1) == str(workdir)
+  intact = [int(s) for s in found.group(3).split(", ")]
+  assert committed(saved) == intact and max(intact) < int(found.group(2))
   # Where there is room, the same command resumes and ends as the uninterrupted run.
   (output,) = run(saved, subprocess_env)
-  assert resumed_from(output) == 6
+  assert resumed_from(output) == max(intact)
   assert result_of(output) == ref_result
   assert_same_run(saved, ref_dir)
 

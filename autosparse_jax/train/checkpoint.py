@@ -269,6 +269,10 @@ class Checkpointer:
     if full is None and not isinstance(error, OSError):
       raise error
     step = self._in_flight
+    try:  # let orbax's other writer threads of this save end before the job does
+      self.manager.close()
+    except Exception:  # noqa: BLE001, S110 -- they fail the same way; the message follows
+      pass
     try:
       self.manager.reload()
       intact = [s for s in self.manager.all_steps() if s != step]

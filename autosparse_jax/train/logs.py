@@ -283,20 +283,28 @@ def create_writers(
   return MultiWriter(writers)
 
 
-class _LibraryInfoFilter(logging_std.Filter):
+class _LibraryFilter(logging_std.Filter):
   NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or not any(
-      n in record.pathname for n in self.NOISY
-    )
+    if not any(n in record.pathname for n in self.NOISY):
+      return True
+    if record.levelno < logging_std.WARNING:
+      return False
+    if record.exc_info or record.exc_text or "\n" in record.getMessage():
+      # orbax logs each failure of its background threads with a traceback; the failure
+      # reaches the caller as an exception, which says what happened in one line.
+      record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def quiet_library_logs() -> None:
-  """Hides orbax's and jax's INFO lines (one per save, compile, ...) from the absl handler."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-    handler.addFilter(_LibraryInfoFilter())
+  """Hides orbax's and jax's INFO lines (one per save, compile, ...) from the absl handler and
+  the root logger's, and shortens their warnings and errors to one line without traceback."""
+  for handler in (logging.get_absl_handler(), *logging_std.getLogger().handlers):
+    if not any(isinstance(f, _LibraryFilter) for f in handler.filters):
+      handler.addFilter(_LibraryFilter())
 
 
 def format_duration(seconds: float) -> str:

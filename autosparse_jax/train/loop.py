@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -345,16 +346,23 @@ def _train_loop(
       nonzero = {k: int(v) for k, v in jax.device_get(fns.nonzero(state.params)).items()}
   finally:
     train_iter.close()
-    writer.close()
+    if sys.exc_info()[1] is None:
+      _flush(writer, ckpt, close=True)
+    else:  # an error in flight (a full disk, say) tells what happened; this would hide it
+      try:
+        writer.close()
+      except OSError as e:
+        logging.warning("the metric files could not be closed either: %s", e)
   training_ratio = cost_meter.ratio if cost_meter is not None and cost_meter.steps else None
   return _LoopOutcome(
     True, last, total, start_step, earlier, eval_metrics, final_summary, nonzero, training_ratio
   )
 
 
-def _flush(writer: logs.MultiWriter, ckpt: checkpoint.Checkpointer) -> None:
+def _flush(writer: logs.MultiWriter, ckpt: checkpoint.Checkpointer, close: bool = False) -> None:
+  """``writer.flush()`` (or ``close()``); a failure (a full disk) as one CheckpointWriteError."""
   try:
-    writer.flush()
+    writer.close() if close else writer.flush()
   except OSError as e:
     raise CheckpointWriteError(
       f"writing the metrics in {ckpt.workdir} failed: {e.strerror or e}; the checkpoints in "
