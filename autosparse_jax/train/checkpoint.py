@@ -123,6 +123,7 @@ class Checkpointer:
     )
     self._last_saved: int | None = None
     self._in_flight: int | None = None
+    self._failed = False
     self.stop_signal: int | None = None
     self._previous_handlers: dict[int, Any] = {}
     if training and threading.current_thread() is threading.main_thread():
@@ -269,6 +270,7 @@ class Checkpointer:
     if full is None and not isinstance(error, OSError):
       raise error
     step = self._in_flight
+    self._failed = True
     try:  # let orbax's other writer threads of this save end before the job does
       self.manager.close()
     except Exception:  # noqa: BLE001, S110 -- they fail the same way; the message follows
@@ -332,8 +334,9 @@ class Checkpointer:
       CheckpointWriteError: the pending save failed.
     """
     try:
-      self.manager.wait_until_finished()
-      self.manager.close()
+      if not self._failed:  # after a failed save, the manager is closed already
+        self.manager.wait_until_finished()
+        self.manager.close()
     except Exception as e:  # noqa: BLE001 -- see _write_failed
       self._write_failed(e)
     finally:

@@ -3,16 +3,16 @@
 A command's top-level handler catches :class:`TrainingError`, prints ``str(error)`` (one line,
 no traceback) and exits with ``error.exit_code``:
 
-=================  ====  =====================================================================
-error              exit  meaning
-=================  ====  =====================================================================
-RunDiverged        1     the loss diverged or was NaN/Inf too long; the checkpoints are finite
-RunConfigChanged   2     the workdir holds a run with another config; nothing was written
-CheckpointWrite..  74     a save failed (e.g. disk full); the earlier checkpoints are intact
-WorkdirInUse       75     another job runs on the workdir (temporary: retry later)
-RunStopped         130    SIGINT (Ctrl-C): the step reached was saved; the same command resumes
-RunStopped         143    SIGTERM (preemption): saved as above; schedulers requeue on 143
-=================  ====  =====================================================================
+====================  ====  ==================================================================
+error                 exit  meaning
+====================  ====  ==================================================================
+RunDiverged           1     the loss diverged or was NaN/Inf too long; checkpoints are finite
+RunConfigChanged      2     the workdir holds a run with another config; nothing was written
+CheckpointWriteError  74    a save failed (e.g. disk full); the earlier checkpoints are intact
+WorkdirInUse          75    another job runs on the workdir (temporary: retry later)
+RunStopped            130   SIGINT (Ctrl-C): the step reached was saved; the same command resumes
+RunStopped            143   SIGTERM (preemption): saved as above; schedulers requeue on 143
+====================  ====  ==================================================================
 
 74 and 75 are ``sysexits.h``'s ``EX_IOERR`` and ``EX_TEMPFAIL``; 128 + N is the shell's code
 for a process ended by signal N, which schedulers (Slurm, Kubernetes, ...) read as "stopped,
@@ -20,8 +20,6 @@ not failed".
 """
 
 from __future__ import annotations
-
-import signal
 
 
 class TrainingError(Exception):
@@ -70,8 +68,3 @@ class RunStopped(TrainingError):
   @property
   def exit_code(self) -> int:  # type: ignore[override]
     return 128 + self.signum
-
-
-def stop_signal_name(signum: int) -> str:
-  """``'SIGTERM'`` for 15."""
-  return signal.Signals(signum).name
