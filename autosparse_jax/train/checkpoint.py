@@ -115,12 +115,16 @@ class Checkpointer:
       )
       if jax.process_index() == 0:
         shutil.rmtree(incomplete, ignore_errors=True)
-    self.manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=int(keep), save_interval_steps=self.every_steps, create=training
-      ),
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(keep), save_interval_steps=self.every_steps, create=training
     )
+    for attempt in range(20):
+      try:  # orbax lists the checkpoints: a live run's keep-N may remove one meanwhile
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        break
+      except FileNotFoundError:
+        if training or attempt == 19:
+          raise
     self._last_saved: int | None = None
     self._in_flight: int | None = None
     self._failed = False
@@ -213,15 +217,15 @@ class Checkpointer:
     """
     tried: set[int] = set()
     while True:
-      self.manager.reload()
-      steps = [s for s in sorted(self.manager.all_steps(), reverse=True) if s not in tried]
+      on_disk = self._steps_on_disk()
       if step is not None:
-        if step not in self.manager.all_steps():
+        if step not in on_disk:
           raise FileNotFoundError(
-            f"no checkpoint at step {step} in {self.directory}; there are "
-            f"{sorted(self.manager.all_steps())}"
+            f"no checkpoint at step {step} in {self.directory}; there are {on_disk}"
           )
         steps = [step]
+      else:
+        steps = [s for s in reversed(on_disk) if s not in tried]
       if not steps:
         raise FileNotFoundError(
           f"no readable checkpoint in {self.directory}"
@@ -233,8 +237,11 @@ class Checkpointer:
         state, meta = self._restore_verified(candidate, abstract_state)
         return state, meta, candidate
       except Exception as e:  # noqa: BLE001 -- gone or damaged: the next newest one
-        gone = not (self.directory / str(candidate)).exists()
-        reason = "it was removed while being read" if gone else f"{type(e).__name__}: {e}"
+        # keep-N removes a checkpoint only once a newer one is there.
+        gone = not (self.directory / str(candidate)).exists() or any(
+          s > candidate for s in self._steps_on_disk()
+        )
+        reason = "the live run removed it" if gone else f"{type(e).__name__}: {e}"
         if step is not None:
           raise FileNotFoundError(
             f"checkpoint {self.directory}/{step} cannot be read ({reason})"
@@ -245,6 +252,14 @@ class Checkpointer:
           candidate,
           reason.splitlines()[0][:300],
         )
+
+  def _steps_on_disk(self) -> list[int]:
+    """The committed checkpoints' steps, listed afresh (orbax names a checkpoint by its step
+    only once it is complete)."""
+    try:
+      return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except FileNotFoundError:
+      return []
 
   def _set_aside(self, step: int, error: Exception) -> None:
     destination = self.workdir / UNREADABLE_DIR / f"{step}-{int(time.time())}"
