@@ -10,11 +10,16 @@ config by :mod:`autosparse_jax.train.optim`; ``method='dense'`` is the dense bas
 Everything in a run is a function of the config and the step: the data pipeline is indexed by
 the global step, and the step function derives any randomness from ``fold_in(seed, step)``. So
 a run resumed from a checkpoint continues exactly as the uninterrupted run would have (bitwise
-on the same hardware and device count).
+on the same hardware and device count), and reports the same records and summary (what the
+reports need travels in the checkpoint: :mod:`autosparse_jax.train.resume`).
 
-Workdir layout: ``checkpoints/<step>/``, ``config.json``, ``metrics.jsonl``, TensorBoard
-``events.out.tfevents.*``, ``parameter_overview.txt``, ``summary.json``, ``summary.txt``,
-``sparsity_per_layer.png``, ``training_curves.png``.
+One job per workdir (:mod:`autosparse_jax.train.lock`); a workdir's run keeps its config
+(:func:`autosparse_jax.train.resume.check_same_run`). A job ends on purpose with one of
+:mod:`autosparse_jax.train.errors` (a signal, a diverged loss, a failed save, ...).
+
+Workdir layout: ``checkpoints/<step>/``, ``config.json``, ``job.lock``, ``metrics.jsonl``,
+TensorBoard ``events.out.tfevents.*``, ``parameter_overview.txt``, ``summary.json``,
+``summary.txt``, ``sparsity_per_layer.png``, ``training_curves.png``.
 """
 
 from __future__ import annotations
