@@ -37,7 +37,7 @@ RAMP_SHAPES = ("cubic", "linear")
 
 
 class ControllerState(NamedTuple):
-  count: jax.Array  # steps taken
+  step: jax.Array  # steps taken (not `count`: tree_get(state, "count") finds the base's)
   target: jax.Array  # the ramp's target at the last step (sparsity, or FLOP ratio)
   actual: jax.Array  # the measured value at the last step (same unit as target)
   shift: jax.Array  # total shift added to every threshold so far
@@ -135,7 +135,7 @@ def sparsity_controller(
   def update(threshold_updates, state, params=None):
     if params is None:
       raise ValueError("params: the controller measures sparsity on the current params")
-    progress = jnp.asarray(target_ramp(state.count), jnp.float32)
+    progress = jnp.asarray(target_ramp(state.step), jnp.float32)
     actual = measure(threshold_updates, params)
     if target_sparsity is not None:
       target = target_sparsity * progress
@@ -150,7 +150,7 @@ def sparsity_controller(
     delta = gain * (error + integral_gain * integral)
     shifted = jax.tree.map(lambda u: u + delta.astype(u.dtype), threshold_updates)
     new_state = ControllerState(
-      optax.safe_increment(state.count), target, actual, state.shift + delta, integral
+      optax.safe_increment(state.step), target, actual, state.shift + delta, integral
     )
     return shifted, new_state
 

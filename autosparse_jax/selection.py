@@ -4,8 +4,11 @@ A leaf is addressed by its '/'-joined key path: ``{'params': {'conv1': {'kernel'
 the path ``'params/conv1/kernel'``; NamedTuple fields and sequence indices join the same way,
 and an ``nnx`` Variable's trailing ``value`` attribute is dropped (``'linear/kernel'``).
 
-Only leaves with ``ndim >= 2`` (dense and conv kernels) are ever pruned: biases, norm scales
-and other vectors are never candidates, whatever a rule says.
+Only real floating-point leaves with ``ndim >= 2`` and at least one entry (dense and conv
+kernels) are ever pruned: biases, norm scales, integer tables and empty arrays are never
+candidates, whatever a rule says. A complex kernel that a rule selects is refused. A regex (in
+:func:`kernels` or a rule list) that matches no path of the tree is an error: it is almost
+always a path written for another tree (``params/conv_init`` on ``variables["params"]``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 Selector = Callable[[str, Any], bool]
 Rule = tuple[str, bool]
@@ -41,6 +45,16 @@ def path_string(path: Sequence[Any]) -> str:
 def leaf_paths(tree: Any) -> list[str]:
   """Key-path strings of the leaves of ``tree``, in ``jax.tree.leaves`` order."""
   return [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_kernel(leaf: Any) -> bool:
+  """A kernel: a real floating-point array with ndim >= 2 (pruned only if it has entries)."""
+  dtype = getattr(leaf, "dtype", None)
+  return (
+    getattr(leaf, "ndim", 0) >= MIN_PRUNABLE_NDIM
+    and dtype is not None
+    and jnp.issubdtype(dtype, jnp.floating)
+  )
 
 
 def _as_patterns(arg: str | Sequence[str] | None, name: str) -> tuple[re.Pattern, ...]:
@@ -73,7 +87,30 @@ def kernels(
       return False
     return not inc or any(p.search(path) for p in inc)
 
-  return select
+  return _RegexSelector(select, (("include", p) for p in inc), (("exclude", p) for p in exc))
+
+
+class _RegexSelector:
+  """A selector made of regexes, which :func:`check_patterns` verifies against a tree."""
+
+  def __init__(self, select: Selector, *groups):
+    self._select = select
+    self.patterns: tuple[tuple[str, re.Pattern], ...] = tuple(p for g in groups for p in g)
+
+  def __call__(self, path: str, leaf: Any) -> bool:
+    return self._select(path, leaf)
+
+
+def check_patterns(selector: Selector, paths: Sequence[str]) -> None:
+  """Raises if a regex of ``selector`` (from :func:`kernels` or a rule list) matches none of
+  ``paths``: such a rule selects or excludes nothing, silently."""
+  for arg, pattern in getattr(selector, "patterns", ()):
+    if not any(pattern.search(p) for p in paths):
+      examples = ", ".join(repr(p) for p in paths[:4]) + (", ..." if len(paths) > 4 else "")
+      raise ValueError(
+        f"prunable: the {arg} pattern {pattern.pattern!r} matches no parameter path; the "
+        f"paths look like {examples or 'nothing (no leaves)'}"
+      )
 
 
 def _from_rules(rules: Sequence[Rule]) -> Selector:
@@ -91,7 +128,7 @@ def _from_rules(rules: Sequence[Rule]) -> Selector:
         return decision
     return False
 
-  return select
+  return _RegexSelector(select, (("rule", p) for p, _ in compiled))
 
 
 def as_selector(prunable: Prunable) -> Selector:
@@ -112,19 +149,31 @@ def select_leaves(params: Any, prunable: Prunable) -> list[bool]:
   """One flag per leaf of ``params`` (``jax.tree.leaves`` order): is it pruned?
 
   Raises:
-    ValueError: if the selection picks no leaf.
+    ValueError: if the selection picks no leaf, a regex of it matches no path, or it selects
+      a complex kernel.
   """
   selector = as_selector(prunable)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  check_patterns(selector, [path_string(p) for p, _ in flat])
   flags = []
   for path, leaf in flat:
     name = path_string(path)
-    eligible = getattr(leaf, "ndim", 0) >= MIN_PRUNABLE_NDIM
-    flags.append(bool(eligible and selector(name, leaf)))
+    dtype = getattr(leaf, "dtype", None)
+    if (
+      dtype is not None
+      and jnp.issubdtype(dtype, jnp.complexfloating)
+      and getattr(leaf, "ndim", 0) >= MIN_PRUNABLE_NDIM
+      and selector(name, leaf)
+    ):
+      raise ValueError(
+        f"params: {name!r} is a complex kernel ({dtype}); sparse training prunes real "
+        "floating-point kernels only: exclude it with prunable=kernels(exclude=...)"
+      )
+    flags.append(bool(is_kernel(leaf) and leaf.size > 0 and selector(name, leaf)))
   if not any(flags):
-    candidates = [path_string(p) for p, x in flat if getattr(x, "ndim", 0) >= MIN_PRUNABLE_NDIM]
+    candidates = [path_string(p) for p, x in flat if is_kernel(x) and x.size > 0]
     raise ValueError(
-      "prunable: the selection picks no leaf to prune. Kernels (ndim >= 2) in these params: "
-      f"{candidates or 'none'}"
+      "prunable: the selection picks no leaf to prune. Kernels (real floating-point, "
+      f"ndim >= 2, not empty) in these params: {candidates or 'none'}"
     )
   return flags

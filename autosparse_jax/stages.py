@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from autosparse_jax import schedules, topk
+from autosparse_jax.budgets import Budget
 from autosparse_jax.selection import Prunable, select_leaves
 
 Params = Any
@@ -74,7 +75,8 @@ class MaskStage(NamedTuple):
 
 
 class GradientAnnealingState(NamedTuple):
-  count: jax.Array  # steps taken
+  # Not named ``count``: ``optax.tree_utils.tree_get(state, "count")`` finds the base's.
+  step: jax.Array  # steps taken
   alpha: jax.Array  # alpha_t used by the last update (alpha_0 before the first)
 
 
@@ -85,19 +87,21 @@ def _flat(tree: Params, *others: Params) -> tuple[Any, list[list[Any]]]:
   return treedef, [leaves] + [treedef.flatten_up_to(o) for o in others]
 
 
-def _reduce_axes(w: jax.Array, threshold: jax.Array) -> tuple[int, ...]:
-  return tuple(range(w.ndim - threshold.ndim))
+def _reduce_axes(threshold: jax.Array) -> tuple[int, ...]:
+  """The kernel axes one threshold covers: those where it has size 1 (all but the channels)."""
+  return tuple(i for i, n in enumerate(threshold.shape) if n == 1)
 
 
 def soft_threshold(w: jax.Array, s: jax.Array) -> jax.Array:
-  """``W_eff = sign(W) * max(|W| - sigmoid(s), 0)``; ``s`` broadcasts over the last axis."""
+  """``W_eff = sign(W) * max(|W| - sigmoid(s), 0)``; ``s`` broadcasts against ``W``."""
   tau = jax.nn.sigmoid(s).astype(w.dtype)
   return jnp.sign(w) * jax.nn.relu(jnp.abs(w) - tau)
 
 
 def init_thresholds(params: Params, flags: list[bool], value: float, granularity: str) -> Params:
-  """Threshold parameters ``s = value`` for each flagged leaf: a scalar per layer or one per
-  output channel (the last kernel axis); ``None`` at the other leaves."""
+  """Threshold parameters ``s = value`` for each flagged leaf: one per layer (shape
+  ``(1,) * ndim``) or one per output channel (the last kernel axis, shape
+  ``(1, ..., 1, C)``); ``None`` at the other leaves."""
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
   leaves, treedef = jax.tree.flatten(params)
@@ -105,7 +109,7 @@ def init_thresholds(params: Params, flags: list[bool], value: float, granularity
   def make(w, pruned):
     if not pruned:
       return None
-    shape = () if granularity == "layer" else (w.shape[-1],)
+    shape = (1,) * w.ndim if granularity == "layer" else (1,) * (w.ndim - 1) + (w.shape[-1],)
     return jnp.full(shape, value, jnp.float32)
 
   return treedef.unflatten([make(w, f) for w, f in zip(leaves, flags, strict=True)])
@@ -137,11 +141,11 @@ def threshold_mask() -> MaskStage:
       tau = jax.nn.sigmoid(s)
       m = jnp.abs(w) > tau.astype(w.dtype)
       signed = jnp.sign(w).astype(jnp.float32) * g.astype(jnp.float32)
-      axes = _reduce_axes(w, s)
+      axes = _reduce_axes(s)
       slope = -tau * (1.0 - tau)  # d sigmoid(s) / ds, negated: a larger tau shrinks |W_eff|
       masks.append(m)
-      kept.append(slope * jnp.sum(jnp.where(m, signed, 0.0), axis=axes))
-      masked.append(slope * jnp.sum(jnp.where(m, 0.0, signed), axis=axes))
+      kept.append(slope * jnp.sum(jnp.where(m, signed, 0.0), axis=axes, keepdims=True))
+      masked.append(slope * jnp.sum(jnp.where(m, 0.0, signed), axis=axes, keepdims=True))
     unflat = treedef.unflatten
     return MaskedGradients(grads, unflat(masks), unflat(kept), unflat(masked)), state
 
@@ -180,6 +184,7 @@ def topk_mask(
   *,
   penalty: float = 0.0,
   prunable: Prunable = None,
+  budget: Budget | None = None,
 ) -> MaskStage:
   """TopKAST's mask stage: per layer, forward set ``A`` = the top ``1 - forward_sparsity``
   fraction of ``|W|``, backward set ``B`` (containing ``A``) the top ``1 - backward_sparsity``.
@@ -189,7 +194,8 @@ def topk_mask(
   ``penalty`` adds the gradient of TopKAST's regulariser
   ``penalty / 2 * (|W_A|^2 + |W_{B\\A}|^2 / D)`` with ``D = 1 - forward_sparsity``.
   Sets are exact counts (``round(density * size)`` entries, ties broken by flat index), found
-  shard-locally by :mod:`autosparse_jax.topk`.
+  shard-locally by :mod:`autosparse_jax.topk`; with a ``budget`` the sparsities are overall
+  ones, spread over the layers by :meth:`autosparse_jax.budgets.Budget.keep_counts`.
   """
   forward = _check_sparsity(forward_sparsity, "forward_sparsity")
   backward = (
@@ -211,11 +217,11 @@ def topk_mask(
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
     ws = [w for w, f in zip(leaves, flags, strict=True) if f]
     sparsities = (forward,) if backward == forward else (forward, backward)
-    found = iter(
-      topk.cutoffs(
-        ws * len(sparsities), [topk.keep_count(w.size, s) for s in sparsities for w in ws]
-      )
-    )
+    if budget is None:
+      counts = [topk.keep_count(w.size, s) for s in sparsities for w in ws]
+    else:
+      counts = [k for s in sparsities for k in budget.keep_counts([w.shape for w in ws], s)]
+    found = iter(topk.cutoffs(ws * len(sparsities), counts))
     sets = []
     for _ in sparsities:
       sets.append(treedef.unflatten([next(found) if f else None for f in flags]))
@@ -271,11 +277,15 @@ def magnitude_mask(
   end_step: int,
   frequency: int,
   prunable: Prunable = None,
+  budget: Budget | None = None,
+  final_sparsity: float | None = None,
 ) -> MaskStage:
   """Gradual magnitude pruning's mask stage (Zhu & Gupta, 2017): hard masks.
 
   At the steps ``begin_step + i * frequency <= end_step`` the mask of each layer becomes the
-  top ``1 - sparsity(step)`` fraction of the surviving ``|W|``; in between it is fixed.
+  top ``1 - sparsity(step)`` fraction of the surviving ``|W|``; in between it is fixed. With a
+  ``budget``, layer ``l`` instead keeps ``round(n_l (1 - s_l sparsity(step) / final_sparsity))``,
+  ``s_l`` its sparsity in the budget at ``final_sparsity`` (exact counts at the end).
   Pruned weights get no gradient and stay zero in ``W_eff = W * M``; once pruned, a weight
   never returns (its masked magnitude is 0, below every survivor).
   """
@@ -287,7 +297,10 @@ def magnitude_mask(
     raise ValueError(f"frequency: must be a positive number of steps, got {frequency}")
 
   def init(latent):
-    return MagnitudeMaskState(jax.tree.map(lambda w: jnp.ones(w.shape, bool), latent.weights))
+    state = MagnitudeMaskState(jax.tree.map(lambda w: jnp.ones_like(w, bool), latent.weights))
+    if begin_step == 0 and jax.tree.leaves(latent.weights):  # step 0 is a pruning step
+      _, state = sparsify(latent, state, jnp.zeros((), jnp.int32))
+    return state
 
   def update(grads, state, latent):
     treedef, leaves, flags = _pruned_leaves(latent.weights, prunable)
@@ -306,7 +319,15 @@ def magnitude_mask(
     def prune(old):  # only on mask-update steps: the surviving weights' top-k
       survivors = [jnp.where(m, leaves[i], 0) for m, i in zip(old, idx, strict=True)]
       target = sparsity(step)
-      ks = [topk.keep_count(w.size, target) for w in survivors]
+      if budget is None:
+        ks = [topk.keep_count(w.size, target) for w in survivors]
+      else:
+        finals = budget.keep_counts([w.shape for w in survivors], final_sparsity)
+        scale = target / final_sparsity if final_sparsity else 0.0
+        ks = [
+          topk.keep_count(w.size, (1 - k / w.size) * scale)
+          for w, k in zip(survivors, finals, strict=True)
+        ]
       return [topk.mask(w, c) for w, c in zip(survivors, topk.cutoffs(survivors, ks), strict=True)]
 
     boundary = (step >= begin_step) & (step <= end_step) & ((step - begin_step) % frequency == 0)
@@ -334,12 +355,12 @@ def gradient_annealing(
 
   def init(params):
     del params
-    count = jnp.zeros((), jnp.int32)
-    return GradientAnnealingState(count, jnp.asarray(schedule(count), jnp.float32))
+    step = jnp.zeros((), jnp.int32)
+    return GradientAnnealingState(step, jnp.asarray(schedule(step), jnp.float32))
 
   def update(masked: MaskedGradients, state, params=None):
     del params
-    a = jnp.asarray(schedule(state.count), jnp.float32)
+    a = jnp.asarray(schedule(state.step), jnp.float32)
     treedef, (gs, ms, ts, xs) = _flat(
       masked.weights, masked.masks, masked.thresholds, masked.masked_thresholds
     )
@@ -348,6 +369,6 @@ def gradient_annealing(
       weights.append(g if m is None else jnp.where(m, g, a.astype(g.dtype) * g))
       thresholds.append(t + a * x if (ga_on_threshold and t is not None) else t)
     grads = LatentParams(treedef.unflatten(weights), treedef.unflatten(thresholds))
-    return grads, GradientAnnealingState(optax.safe_increment(state.count), a)
+    return grads, GradientAnnealingState(optax.safe_increment(state.step), a)
 
   return optax.GradientTransformation(init, update)

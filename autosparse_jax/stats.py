@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from autosparse_jax.chain import SparseTrainingState
 from autosparse_jax.controller import ControllerState
-from autosparse_jax.selection import MIN_PRUNABLE_NDIM, Prunable, as_selector, path_string
+from autosparse_jax.selection import Prunable, as_selector, check_patterns, is_kernel, path_string
 
 
 class Sparsity(NamedTuple):
@@ -27,23 +27,27 @@ def _value(x: Any) -> Any:
 
 
 def sparsity(params: Any, prunable: Prunable = None) -> Sparsity:
-  """Zeros per kernel (leaves with ndim >= 2, optionally narrowed by ``prunable``) and in total.
+  """Zeros per kernel (real floating-point leaves with ndim >= 2, optionally narrowed by
+  ``prunable``) and in total.
 
-  ``total = sum_l zeros_l / sum_l size_l``. Works inside ``jax.jit``.
+  ``total = sum_l zeros_l / sum_l size_l``. A kernel with no entries (a ``(0, 4)`` shape) is
+  reported with sparsity 0 and adds nothing to the total. Works inside ``jax.jit``.
   """
   select = as_selector(prunable)
+  flat = [(path_string(p), _value(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+  check_patterns(select, [name for name, _ in flat])
   layers, zeros, size = {}, jnp.zeros((), jnp.int32), 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    leaf = _value(leaf)
-    name = path_string(path)
-    if getattr(leaf, "ndim", 0) < MIN_PRUNABLE_NDIM or not select(name, leaf):
+  for name, leaf in flat:
+    if not (is_kernel(leaf) and select(name, leaf)):
       continue
     n = jnp.sum(leaf == 0, dtype=jnp.int32)
-    layers[name] = n / leaf.size
+    layers[name] = n / max(leaf.size, 1)
     zeros, size = zeros + n, size + leaf.size
-  if not size:
-    raise ValueError("params: no kernel (leaf with ndim >= 2) is selected, nothing to measure")
-  return Sparsity(zeros / size, layers, zeros, size)
+  if not layers:
+    raise ValueError(
+      "params: no kernel (real floating-point leaf with ndim >= 2) is selected, nothing to measure"
+    )
+  return Sparsity(zeros / max(size, 1), layers, zeros, size)
 
 
 def find_state(opt_state: Any) -> SparseTrainingState | None:
@@ -71,7 +75,7 @@ def summary(params: Any, opt_state: Any = None, prunable: Prunable = None) -> di
   state = find_state(opt_state) if opt_state is not None else None
   if state is not None:
     out["alpha"] = _value(state.annealing.alpha)
-    out["step"] = _value(state.annealing.count)
+    out["step"] = _value(state.annealing.step)
     out["layers_at_ceiling"] = _value(state.layers_at_ceiling)
     if isinstance(state.controller, ControllerState):
       out["controller/target"] = _value(state.controller.target)

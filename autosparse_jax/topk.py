@@ -110,5 +110,7 @@ def mask(w: jax.Array, cut: Cutoff) -> jax.Array:
 
 
 def keep_count(size: int, sparsity: jax.Array | float) -> jax.Array:
-  """Entries kept at a sparsity: ``round((1 - sparsity) * size)``."""
-  return jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * size).astype(jnp.int32)
+  """Entries kept at a sparsity: ``round((1 - sparsity) * size)``, and at least one, so that
+  no pruned layer is ever cut off entirely (a sparsity < 1 always leaves a weight)."""
+  kept = jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * size).astype(jnp.int32)
+  return jnp.clip(kept, min(1, size), size)

@@ -7,8 +7,13 @@ schedule; only ``method`` differs:
 * ``str`` and ``autosparse``: learned thresholds steered to the target by the sparsity
   controller (``target_sparsity``) on the same ramp; AutoSparse anneals alpha with the paper's
   sigmoid-cosine decay (alpha0 = 0.5, zero from 90% of training);
-* ``topkast`` and ``topkast_ga``: fixed per-layer budget from step 0, backward density twice the
-  forward density (TopKAST's 90/80 setting), GA with the same alpha schedule.
+* ``topkast``: fixed per-layer budget from step 0, backward density twice the forward density
+  (TopKAST's 90/80 setting); ``topkast_pp``: the same through Powerpropagation (exponent 2);
+* ``topkast_ga``: GA with the same alpha schedule on every weight outside the forward set
+  (dense backward); ``topkast_ga_ba``: GA on ``B \\ A`` only (backward density twice the
+  forward); ``topkast_ste``: the dense backward without annealing (alpha = 1), GA's control;
+* ``rigl``, ``set``, ``mest`` (EM) and ``rigl_ga``, ``mest_ga``: uniform budget from step 0,
+  rewired every 100 steps until 75% of training (RigL: drop 0.3 cosine; MEST: mutation 0.05).
 
 Sparsity is measured from the actual zeros of the final params over all kernels. Han et al.
 (2015), the reference point: LeNet-300-100 at 8% of weights kept (92% sparse) 1.59% error,
@@ -40,7 +45,21 @@ import autosparse_jax as autosparse
 from autosparse_jax import flops
 from autosparse_jax.models import get_model
 
-METHODS = ("gmp", "str", "autosparse", "topkast", "topkast_ga")
+METHODS = (
+  "gmp",
+  "str",
+  "autosparse",
+  "topkast",
+  "topkast_ga",
+  "topkast_ga_ba",
+  "topkast_ste",
+  "topkast_pp",
+  "rigl",
+  "rigl_ga",
+  "set",
+  "mest",
+  "mest_ga",
+)
 SPARSITIES = (0.90, 0.95, 0.98)
 HAN_2015_ERROR = {"lenet_300_100": (1.64, 1.59), "lenet5": (0.80, 0.77)}  # dense, 92% sparse
 
@@ -76,7 +95,20 @@ def make_method(name: str, sparsity: float, steps: int):
   if name == "topkast":
     return autosparse.TopKAST(sparsity, backward)
   if name == "topkast_ga":
+    return autosparse.TopKAST(sparsity, alpha=alpha)
+  if name == "topkast_ga_ba":
     return autosparse.TopKAST(sparsity, backward, alpha=alpha)
+  if name == "topkast_ste":
+    return autosparse.TopKAST(sparsity, 0.0, alpha=1.0)
+  if name == "topkast_pp":
+    return autosparse.Powerprop(autosparse.TopKAST(sparsity, backward), exponent=2.0)
+  dst = dict(end_step=int(steps * 0.75), update_every=100)
+  if name in ("rigl", "rigl_ga"):
+    return autosparse.RigL(sparsity, alpha=alpha if name == "rigl_ga" else None, **dst)
+  if name == "set":
+    return autosparse.SET(sparsity, **dst)
+  if name in ("mest", "mest_ga"):
+    return autosparse.MEST(sparsity, alpha=alpha if name == "mest_ga" else None, **dst)
   raise ValueError(f"method: unknown {name!r}")
 
 
@@ -91,6 +123,7 @@ def run(model_name, method_name, sparsity, seed, data, epochs, batch_size):
   base = optax.chain(optax.add_decayed_weights(5e-4, mask=decay_mask), optax.sgd(lr, 0.9))
   tx = autosparse.optax_chain(base, make_method(method_name, sparsity, steps))
   state = tx.init(params)
+  params = tx.effective_params(params, state)  # step 0 on W_eff
   xtr_d, ytr_d = jnp.asarray(xtr), jnp.asarray(ytr)
 
   def loss_fn(p, x, y):

@@ -2,7 +2,8 @@
 
 FSDP-sharded params; checks that optax.tree_map_params gives every state leaf a sharding,
 that a jitted update keeps them, that results match the unsharded run, and that the compiled
-TopKAST update holds no all-gather (the top-k search stays shard-local).
+TopKAST, RigL, SET, MEST and TopKAST+PP updates hold no all-gather (the top-k searches stay
+shard-local).
 """
 
 import os
@@ -53,6 +54,11 @@ def main():
     "channel": autosparse.AutoSparse(0.5, threshold_init=-1.0, granularity="channel"),
     "topkast": autosparse.TopKAST(0.8, 0.5, alpha=0.5),
     "magnitude": autosparse.GradualMagnitude(0.8, 1, 3, 1),
+    # step 0 rewires: the compiled update holds the drop-and-grow searches
+    "rigl": autosparse.RigL(0.8, end_step=10, update_every=1, budget="erk"),
+    "set": autosparse.SET(0.8, end_step=10, update_every=1),
+    "mest": autosparse.MEST(0.8, end_step=10, update_every=1, soft_bound=True),
+    "topkast_pp": autosparse.Powerprop(autosparse.TopKAST(0.8, 0.5), 2.0),
     "target": autosparse.AutoSparse(
       0.5, threshold_init=-1.0, target_sparsity=0.8, target_ramp=autosparse.ramp(0, 10)
     ),
@@ -81,8 +87,8 @@ def main():
     sharded_grads = jax.device_put(grads, shardings)
     compiled = update.lower(sharded_grads, state, sharded_params).compile()
     hlo = compiled.as_text()
-    if name == "topkast":
-      assert "all-gather" not in hlo, "the TopKAST update gathers a sharded tensor"
+    if name in ("topkast", "rigl", "set", "mest", "topkast_pp"):
+      assert "all-gather" not in hlo, f"the {name} update gathers a sharded tensor"
       assert "all-reduce" in hlo, "expected the top-k counts to be summed across shards"
     updates, new_state = compiled(sharded_grads, state, sharded_params)
     for leaf, want in zip(jax.tree.leaves(updates), jax.tree.leaves(shardings), strict=True):

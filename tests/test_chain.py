@@ -111,7 +111,7 @@ def test_inside_optax_chain_and_multisteps(batch):
 
   multi = optax.MultiSteps(inner, every_k_schedule=2)
   p, state = train(multi, params, x, y, steps=4)
-  assert int(autosparse.find_state(state).annealing.count) == 2  # two real updates
+  assert int(autosparse.find_state(state).annealing.step) == 2  # two real updates
   latent = autosparse.find_state(state).latent
   s = latent.thresholds["params"]["dense0"]["kernel"]
   expected = autosparse.soft_threshold(latent.weights["params"]["dense0"]["kernel"], s)
@@ -271,8 +271,8 @@ def test_layer_at_the_sparsity_ceiling_is_held():
   zero = jax.tree.map(jnp.zeros_like, params)
   _, state = tx.update(zero, state, params)
   s = state.latent.thresholds
-  assert float(s["tiny"]["kernel"]) == -3.0  # held: its update was clipped to <= 0
-  assert float(s["big"]["kernel"]) == pytest.approx(-3.0 + 0.1 * 3.0)  # sgd on wd * s
+  assert s["tiny"]["kernel"].item() == -3.0  # held: its update was clipped to <= 0
+  assert s["big"]["kernel"].item() == pytest.approx(-3.0 + 0.1 * 3.0)  # sgd on wd * s
   assert int(state.layers_at_ceiling) == 1
   assert autosparse.summary(params, state)["layers_at_ceiling"] == 1
 
@@ -280,4 +280,69 @@ def test_layer_at_the_sparsity_ceiling_is_held():
     optax.sgd(0.1), autosparse.STR(-3.0, threshold_weight_decay=1.0, max_layer_sparsity=None)
   )
   _, state = free.update(zero, free.init(params), params)
-  assert float(state.latent.thresholds["tiny"]["kernel"]) > -3.0
+  assert state.latent.thresholds["tiny"]["kernel"].item() > -3.0
+
+
+@pytest.mark.parametrize(
+  "method", [METHOD, autosparse.TopKAST(0.5), autosparse.GradualMagnitude(0.5, 1, 2, 1)]
+)
+def test_bad_params_get_one_clear_error(method):
+  tx = autosparse.optax_chain(optax.sgd(0.1), method)
+  with pytest.raises(ValueError, match="prunable: the selection picks no leaf"):
+    tx.init({})
+  kernel = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match="'k/kernel' holds NaN or Inf"):
+    tx.init({"k": {"kernel": kernel.at[1, 2].set(jnp.nan)}})
+  with pytest.raises(ValueError, match="'c/kernel' is a complex kernel"):
+    tx.init({"k": {"kernel": kernel}, "c": {"kernel": kernel.astype(jnp.complex64)}})
+  # A complex kernel left out of the selection trains as in optax.
+  tx = autosparse.optax_chain(optax.sgd(0.1), method, prunable=autosparse.kernels(exclude="^c/"))
+  tx.init({"k": {"kernel": kernel}, "c": {"kernel": kernel.astype(jnp.complex64)}})
+
+
+def test_integer_and_empty_leaves_are_never_pruned():
+  params = {
+    "table": jnp.arange(12, dtype=jnp.int32).reshape(4, 3),
+    "empty": {"kernel": jnp.ones((0, 4))},
+    "dense": {"kernel": jax.random.normal(jax.random.key(0), (4, 4))},
+  }
+  tx = autosparse.optax_chain(optax.sgd(0.1), autosparse.TopKAST(0.5))
+  state = tx.init(params)
+  p = tx.effective_params(params, state)
+  np.testing.assert_array_equal(p["table"], params["table"])
+  assert int(jnp.sum(p["dense"]["kernel"] == 0)) == 8
+  stats = autosparse.sparsity(p)
+  assert set(stats.layers) == {"empty/kernel", "dense/kernel"}
+  assert float(stats.layers["empty/kernel"]) == 0.0 and float(stats.total) == 0.5
+  only_empty = autosparse.sparsity({"empty": {"kernel": jnp.ones((0, 4))}})
+  assert float(only_empty.total) == 0.0 and only_empty.size == 0
+
+
+def test_every_pruned_layer_keeps_at_least_one_weight():
+  params = {"k": {"kernel": jax.random.normal(jax.random.key(0), (2, 5))}}
+  for method in (autosparse.TopKAST(0.999999), autosparse.GradualMagnitude(0.999999, 0, 1, 1)):
+    tx = autosparse.optax_chain(optax.sgd(0.1), method)
+    state = tx.init(params)
+    p = tx.effective_params(params, state)
+    for _ in range(2):
+      updates, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+      p = optax.apply_updates(p, updates)
+    assert int(jnp.count_nonzero(p["k"]["kernel"])) == 1
+
+
+def test_a_regex_that_matches_no_path_is_an_error():
+  # The README's pattern written for variables, applied to variables["params"].
+  params = {"conv_init": {"kernel": jnp.ones((3, 3, 1, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+  bad = autosparse.kernels(exclude=(r"^params/conv_init/",))
+  msg = r"exclude pattern '\^params/conv_init/' matches no parameter path.*'conv_init/kernel'"
+  with pytest.raises(ValueError, match=msg):
+    autosparse.optax_chain(optax.sgd(0.1), METHOD, prunable=bad).init(params)
+  with pytest.raises(ValueError, match="matches no parameter path"):
+    autosparse.sparsity(params, bad)
+  with pytest.raises(ValueError, match=r"rule pattern 'hed' matches no parameter path"):
+    autosparse.optax_chain(optax.sgd(0.1), METHOD, prunable=[("hed", False), (".*", True)]).init(
+      params
+    )
+  good = autosparse.kernels(exclude=(r"^conv_init/",))
+  state = autosparse.optax_chain(optax.sgd(0.1), METHOD, prunable=good).init(params)
+  assert autosparse.selection.leaf_paths(state.latent.thresholds) == ["head/kernel"]

@@ -158,8 +158,11 @@ def test_report_command_refuses_a_workdir_without_checkpoints(run, tmp_path):
   (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
   before = sorted(p.name for p in tmp_path.iterdir())
   out = _report_cli(f"--workdir={tmp_path}")
-  assert out.returncode != 0
+  assert out.returncode == 2
   assert "no checkpoint" in out.stderr and str(tmp_path) in out.stderr
   assert sorted(p.name for p in tmp_path.iterdir()) == before
+  (tmp_path / "config.json").unlink()
+  out = _report_cli(f"--workdir={tmp_path}")
+  assert out.returncode == 2 and "config.json" in out.stderr
   out = _report_cli(f"--workdir={tmp_path / 'missing'}")
-  assert out.returncode != 0 and "config.json" in out.stderr
+  assert out.returncode == 2 and "no such directory" in out.stderr

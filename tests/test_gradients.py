@@ -42,14 +42,15 @@ def test_str_gradients_equal_jax_grad_of_soft_threshold_loss(granularity, batch)
   state, new_state, _, _, _ = one_update(method, params, x, y)
   thresholds = {n: state.latent.thresholds["params"][n]["kernel"] for n in KERNELS}
   dw, ds = jax.grad(latent_loss, argnums=(0, 1))(params, thresholds, x, y)
-  seen_w, seen_s = new_state.base, new_state.thresholds
+  seen_w, seen_s = new_state.base, new_state.thresholds.inner
   for name in KERNELS:
     np.testing.assert_allclose(
       seen_w["params"][name]["kernel"], dw["params"][name]["kernel"], rtol=1e-6, atol=1e-7
     )
     np.testing.assert_allclose(seen_s["params"][name]["kernel"], ds[name], rtol=1e-5, atol=1e-7)
     n_out = params["params"][name]["kernel"].shape[-1]
-    assert seen_s["params"][name]["kernel"].shape == (() if granularity == "layer" else (n_out,))
+    # A threshold has its kernel's ndim: (1, 1) per layer, (1, n_out) per channel.
+    assert seen_s["params"][name]["kernel"].shape == (1, 1 if granularity == "layer" else n_out)
     # Biases are not pruned and get their plain gradient.
     np.testing.assert_allclose(
       seen_w["params"][name]["bias"], dw["params"][name]["bias"], rtol=1e-6, atol=1e-7
@@ -89,7 +90,10 @@ def test_ga_on_threshold_adds_alpha_times_masked_contribution(batch):
     g = np.asarray(grads["params"][name]["kernel"], np.float64)
     masked = np.abs(w) <= tau
     extra = -tau * (1 - tau) * np.sum(np.sign(w) * g * masked)
-    got = with_ga.thresholds["params"][name]["kernel"] - plain.thresholds["params"][name]["kernel"]
+    got = (
+      with_ga.thresholds.inner["params"][name]["kernel"]
+      - plain.thresholds.inner["params"][name]["kernel"]
+    )
     np.testing.assert_allclose(got, alpha * extra, rtol=1e-4, atol=1e-7)
 
 

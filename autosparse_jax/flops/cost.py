@@ -193,8 +193,10 @@ def training_cost_ratio(
 
 # --------------------------------------------------------------------------- runs (logging)
 
-GA_METHODS = ("autosparse", "topkast_ga")
+GA_METHODS = ("autosparse", "topkast_ga", "rigl_ga", "mest_ga")
 """Methods whose weight gradient is dense while gradient annealing's ``alpha_t > 0``."""
+DENSE_GRADIENT_ON_UPDATE = ("rigl", "rigl_ga")
+"""Methods that grow by the dense gradient on their mask-update steps (RigL)."""
 
 
 def weight_grad_density(
@@ -203,24 +205,33 @@ def weight_grad_density(
   *,
   alpha: float | None = None,
   backward_sparsity: float | None = None,
+  update_every: int | None = None,
 ) -> Density:
   """The weight-gradient density ``d^wg_l`` of a training method (see the module docstring).
 
   * ``'dense'``: 1.0;
-  * ``'autosparse'``, ``'topkast_ga'`` while ``alpha > 0``: 1.0 (masked weights get
-    ``alpha_t * g``);
-  * ``'topkast'``: ``1 - backward_sparsity`` on every layer of ``forward_density`` (the
-    prunable ones; the others count as dense);
-  * otherwise (``'str'``, ``'gmp'``, GA methods once ``alpha = 0``): ``forward_density``.
+  * GA methods (``'autosparse'``, ``'topkast_ga'``, ``'rigl_ga'``, ``'mest_ga'``) while
+    ``alpha > 0``: 1.0 (masked weights get ``alpha_t * g``; TopKAST+GA's default backward set
+    is every weight);
+  * ``'topkast'``, ``'topkast_pp'``: ``1 - backward_sparsity`` on every layer of
+    ``forward_density`` (the prunable ones; the others count as dense);
+  * ``'rigl'`` (and ``'rigl_ga'`` once ``alpha = 0``): ``d_l + (1 - d_l) / update_every``, the
+    dense gradient one step in ``update_every`` (RigL's own accounting);
+  * otherwise (``'str'``, ``'gmp'``, ``'set'``, ``'mest'``: random growth, MEST's score uses
+    the sparse gradient; GA methods once ``alpha = 0``): ``forward_density``.
   """
   if method == "dense":
     return 1.0
   if method in GA_METHODS and alpha is not None and alpha > 0:
     return 1.0
-  if method == "topkast":
+  if method in ("topkast", "topkast_pp"):
     if backward_sparsity is None:
-      raise ValueError("method 'topkast' needs its backward_sparsity")
+      raise ValueError(f"method {method!r} needs its backward_sparsity")
     return {k: 1.0 - float(backward_sparsity) for k in forward_density}
+  if method in DENSE_GRADIENT_ON_UPDATE:
+    if not update_every or update_every < 1:
+      raise ValueError(f"method {method!r} needs its update_every (>= 1), got {update_every}")
+    return {k: d + (1.0 - d) / update_every for k, d in forward_density.items()}
   return dict(forward_density)
 
 
@@ -257,11 +268,16 @@ class RunningTrainingCost:
   """
 
   def __init__(
-    self, dense_macs: Mapping[str, int], method: str, backward_sparsity: float | None = None
+    self,
+    dense_macs: Mapping[str, int],
+    method: str,
+    backward_sparsity: float | None = None,
+    update_every: int | None = None,
   ):
     self.dense_macs = dict(dense_macs)
     self.method = method
     self.backward_sparsity = backward_sparsity
+    self.update_every = update_every
     self.cost = 0.0  # sum_r n_r * C(r), MACs per example
     self.steps = 0
     self.last_step = 0
@@ -278,7 +294,11 @@ class RunningTrainingCost:
     else:
       fwd = forward_density
     wg = weight_grad_density(
-      self.method, forward_density, alpha=alpha, backward_sparsity=self.backward_sparsity
+      self.method,
+      forward_density,
+      alpha=alpha,
+      backward_sparsity=self.backward_sparsity,
+      update_every=self.update_every,
     )
     self.cost += n * _step_macs(self.dense_macs, fwd, wg)
     self.steps += n

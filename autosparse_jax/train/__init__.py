@@ -11,8 +11,8 @@ Modules: :mod:`.loop` (``train_and_evaluate``), :mod:`.experiment` (an experimen
 ``load_checkpoint``), :mod:`.state` (train state and step functions), :mod:`.config_lib` (config
 schema and validation), :mod:`.recipes` (built-in configs), :mod:`.optim` (the optimizer from a
 config), :mod:`.checkpoint`, :mod:`.logs`, :mod:`.sharding`, :mod:`.summary`, :mod:`.plots`,
-:mod:`.report`, :mod:`.compare`. This package imports the library (``autosparse_jax``), models
-and data; the library never imports it.
+:mod:`.report`, :mod:`.compare`, :mod:`.cli` (what the commands share). This package imports
+the library (``autosparse_jax``), models and data; the library never imports it.
 """
 
 from autosparse_jax.train.experiment import (

@@ -6,26 +6,42 @@ method is chosen by ``config.method``; each method reads its hyperparameters fro
 ``config.sparsity.<method>``, so one config file carries per-method defaults and
 ``--config.method=str`` switches to STR with STR's defaults.
 
-:func:`validate` checks names, ranges and divisibility and raises ``ValueError`` naming the
-field, before anything is built, compiled or written.
+:func:`validate` checks names, ranges and divisibility and raises :class:`ConfigError` (a
+``ValueError``) naming the field, its value and what is accepted, before anything is built,
+compiled or written.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ("dense", "autosparse", "str", "topkast", "topkast_ga", "gmp")
+METHODS = (
+  "dense",
+  "autosparse",
+  "str",
+  "topkast",
+  "topkast_ga",
+  "topkast_pp",
+  "gmp",
+  "rigl",
+  "rigl_ga",
+  "set",
+  "mest",
+  "mest_ga",
+)
 """Values of ``config.method``."""
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 ALPHA_SCHEDULES = ("sigmoid_cosine", "cosine", "linear", "constant")
 SHARDINGS = ("data", "fsdp")
 GRANULARITIES = ("layer", "channel")
+BUDGETS = ("uniform", "erk")
+DROP_SCHEDULES = ("cosine", "constant")
 
 # Fields that define what a checkpoint holds and what the data position means: a workdir
 # whose checkpoint disagrees on any of them cannot be resumed with this config.
@@ -39,6 +55,13 @@ RUN_IDENTITY_FIELDS = (
   "global_batch_size",
   "seed",
 )
+
+
+class ConfigError(ValueError):
+  """A bad config field: ``config.<field>=<value>: <what is accepted>``. The commands print it
+  as one line and exit with ``exit_code``."""
+
+  exit_code = 2
 
 
 def _alpha_block(alpha0: float) -> dict[str, Any]:
@@ -70,6 +93,31 @@ def _threshold_block(threshold_init: float) -> dict[str, Any]:
   }
 
 
+def _budget_block() -> dict[str, Any]:
+  return {"budget": "uniform", "dense_first_layer": False}  # see autosparse_jax.budgets
+
+
+def _dynamic_block(sparsity: float) -> dict[str, Any]:
+  """Shared by RigL, SET and MEST: the budget and when the mask is rewired."""
+  return {
+    "sparsity": sparsity,
+    **_budget_block(),
+    "update_every": 100,  # steps between mask updates
+    "begin_step": 0,
+    "end_step": config_dict.placeholder(int),  # None: 75% of the total steps (RigL's T_end)
+    "seed": 0,  # random initial masks (and SET/MEST's random growth)
+  }
+
+
+def _rigl_block(sparsity: float) -> dict[str, Any]:
+  return {**_dynamic_block(sparsity), "drop_fraction": 0.3, "drop_schedule": "cosine"}
+
+
+def _mest_block(sparsity: float) -> dict[str, Any]:
+  # Mutation m_t = mutation * max(0, 1 - t / end_step); soft_bound: EM&S.
+  return {**_dynamic_block(sparsity), "mutation": 0.05, "soft_bound": False, "score_lambda": 0.0}
+
+
 def sparsity_defaults() -> ml_collections.ConfigDict:
   """``config.sparsity``: one block per method, plus the kernels never pruned.
 
@@ -84,20 +132,44 @@ def sparsity_defaults() -> ml_collections.ConfigDict:
       "dense": {**wd},
       "autosparse": {**_alpha_block(0.5), **_threshold_block(-5.0), "ga_on_threshold": False, **wd},
       "str": {**_threshold_block(-5.0), **wd},
-      "topkast": {"forward_sparsity": 0.8, "backward_sparsity": 0.5, "penalty": 0.0, **wd},
-      "topkast_ga": {
+      "topkast": {
         "forward_sparsity": 0.8,
         "backward_sparsity": 0.5,
         "penalty": 0.0,
+        **_budget_block(),
+        **wd,
+      },
+      # GA on every weight outside the forward set (dense backward while alpha_t > 0); a
+      # backward_sparsity restricts GA to B \ A.
+      "topkast_ga": {
+        "forward_sparsity": 0.8,
+        "backward_sparsity": config_dict.placeholder(float),
+        "penalty": 0.0,
+        **_budget_block(),
         **_alpha_block(0.5),
         **wd,
       },
+      # TopKAST through Powerpropagation, w = v |v|^(exponent - 1).
+      "topkast_pp": {
+        "forward_sparsity": 0.8,
+        "backward_sparsity": 0.5,
+        "penalty": 0.0,
+        "exponent": 2.0,
+        **_budget_block(),
+        **wd,
+      },
+      "rigl": {**_rigl_block(0.8), **wd},
+      "rigl_ga": {**_rigl_block(0.8), **_alpha_block(0.5), **wd},
+      "set": {**_rigl_block(0.8), **wd},
+      "mest": {**_mest_block(0.8), **wd},
+      "mest_ga": {**_mest_block(0.8), **_alpha_block(0.5), **wd},
       "gmp": {
         "target_sparsity": 0.8,
         "initial_sparsity": 0.0,
         "begin_step": config_dict.placeholder(int),  # None: 10% of the total steps
         "end_step": config_dict.placeholder(int),  # None: 75% of the total steps
         "frequency": 100,  # steps between mask updates
+        **_budget_block(),
         **wd,
       },
     }
@@ -164,7 +236,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, value: Any, why: str) -> None:
-  raise ValueError(f"config.{field}={value!r}: {why}")
+  raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
@@ -203,7 +275,7 @@ def validate(
     process_count: processes in the job.
 
   Raises:
-    ValueError: naming the first bad field, its value and what it must be. The method's own
+    ConfigError: naming the first bad field, its value and what it must be. The method's own
       hyperparameters are checked when the method is built (:mod:`autosparse_jax.train.optim`).
   """
   from autosparse_jax.data import DATASET_NAMES
@@ -212,7 +284,7 @@ def validate(
   base = base_config()
   missing = [k for k in base if k not in config]
   if missing:
-    raise ValueError(f"config lacks the fields {missing}; start from config_lib.base_config()")
+    raise ConfigError(f"config lacks the fields {missing}; start from config_lib.base_config()")
   unknown = [k for k in config if k not in base]
   unknown += [
     f"sparsity.{m}.{k}"
@@ -222,7 +294,7 @@ def validate(
     if k not in base.sparsity[m]
   ]
   if unknown:
-    raise ValueError(f"config.{unknown[0]}: unknown field (a typo?); fields: base_config()")
+    raise ConfigError(f"config.{unknown[0]}: unknown field (a typo?); fields: base_config()")
   _check_choice(config, "model", tuple(sorted(MODELS)))
   _check_choice(config, "dataset", DATASET_NAMES)
   _check_choice(config, "method", METHODS)
@@ -264,6 +336,12 @@ def validate(
     _fail(f"{prefix}.granularity", block.granularity, f"must be one of {GRANULARITIES}")
   if "threshold_weight_decay" in block:
     _check_number(config, f"{prefix}.threshold_weight_decay", low=0)
+  if "budget" in block and block.budget not in BUDGETS:
+    _fail(f"{prefix}.budget", block.budget, f"must be one of {BUDGETS}")
+  if "drop_schedule" in block and block.drop_schedule not in DROP_SCHEDULES:
+    _fail(f"{prefix}.drop_schedule", block.drop_schedule, f"must be one of {DROP_SCHEDULES}")
+  if "update_every" in block:
+    _check_number(config, f"{prefix}.update_every", low=1, integer=True)
   for field in ("alpha_decay_steps", "begin_step", "end_step", "target_ramp_steps"):
     if block.get(field) is not None:
       _check_number(config, f"{prefix}.{field}", low=0, integer=True)
@@ -285,6 +363,45 @@ def validate(
       _fail(field, value, f"must be divisible by the number of devices ({devices})")
     if value % process_count:
       _fail(field, value, f"must be divisible by the number of processes ({process_count})")
+
+
+def check_method_blocks(overrides: Mapping[str, Any], methods: Sequence[str]) -> None:
+  """Refuses a field set in a method block that no method of the run reads.
+
+  ``--config.method=str --config.sparsity.autosparse.target_sparsity=0.5`` would otherwise be
+  silently ignored (STR reads ``config.sparsity.str``).
+
+  Args:
+    overrides: the values set on the command line, by path (``sparsity.autosparse.alpha0``).
+    methods: the methods the run trains (``[config.method]``; compare: its ``--methods``).
+
+  Raises:
+    ConfigError: naming the field and value, unless the value is the field's default.
+  """
+  defaults = base_config()
+  for path, value in overrides.items():
+    parts = path.split(".")
+    if len(parts) < 2 or parts[0] != "sparsity" or parts[1] not in METHODS or parts[1] in methods:
+      continue
+    try:
+      default = _get(defaults, path)
+    except (KeyError, AttributeError):
+      default = None
+    if isinstance(default, ml_collections.ConfigDict):
+      default = default.to_dict()
+    if isinstance(value, ml_collections.ConfigDict):
+      value = value.to_dict()
+    if value == default:
+      continue
+    field = ".".join(parts[2:])
+    trained = ", ".join(repr(m) for m in methods)
+    instead = ""
+    if len(methods) == 1 and field and field in defaults.sparsity[methods[0]]:
+      instead = f"; set config.sparsity.{methods[0]}.{field}"
+    raise ConfigError(
+      f"config.{path}={value!r}: only method {parts[1]!r} reads config.sparsity.{parts[1]}, "
+      f"and this run trains {trained}{instead}"
+    )
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
   try:
     return get_model(config.model, num_classes, **kwargs)
   except TypeError as e:
-    raise ValueError(f"config.model_kwargs={kwargs!r}: {e}") from None
+    raise config_lib.ConfigError(f"config.model_kwargs={kwargs!r}: {e}") from None
 
 
 def dense_macs(model: nn.Module, input_shape: tuple) -> dict[str, int] | None:
@@ -97,7 +97,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   memory).
 
   Raises:
-    ValueError: a bad config field, named.
+    ConfigError: a bad config field, named.
     DatasetUnavailableError: the dataset is not on disk.
   """
   config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
@@ -127,7 +127,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         f"config.dataset={config.dataset!r}, config.data_dir={config.data_dir!r}: {e}"
       ) from None
     except ValueError as e:
-      raise ValueError(
+      raise config_lib.ConfigError(
         f"config.dataset={config.dataset!r}, config.{split_field}={config[split_field]!r} "
         f"(config.image_size, config.{batch_field}, config.seed): {e}"
       ) from None
@@ -145,7 +145,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     abstract = jax.eval_shape(init, jax.random.key(config.seed))
   except ValueError as e:
     if "prunable" in str(e):
-      raise ValueError(f"config.sparsity.exclude={config.sparsity.exclude!r}: {e}") from None
+      raise config_lib.ConfigError(
+        f"config.sparsity.exclude={config.sparsity.exclude!r}: {e}"
+      ) from None
     raise
   mesh = sharding.make_mesh(config.num_devices)
   shardings = state_shardings(abstract, optimizer.tx, mesh, config)
@@ -167,11 +169,25 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
 def backward_sparsity(config: ml_collections.ConfigDict) -> float | None:
   """TopKAST's backward sparsity (default: its forward sparsity); None for other methods."""
-  if config.method not in ("topkast", "topkast_ga"):
+  if config.method not in ("topkast", "topkast_ga", "topkast_pp"):
     return None
   block = config.sparsity[config.method]
   value = block.backward_sparsity
   return float(block.forward_sparsity if value is None else value)
+
+
+def training_cost_meter(config: ml_collections.ConfigDict, dense_macs: dict[str, int]):
+  """A :class:`~autosparse_jax.flops.RunningTrainingCost` for the run of ``config``: its method,
+  TopKAST's backward sparsity, RigL's ``update_every``."""
+  from autosparse_jax import flops
+
+  block = config.sparsity.get(config.method)
+  return flops.RunningTrainingCost(
+    dense_macs,
+    config.method,
+    backward_sparsity(config),
+    update_every=block.get("update_every") if block is not None else None,
+  )
 
 
 def load_checkpoint(

@@ -46,9 +46,9 @@ from autosparse_jax.train.errors import (
 )
 from autosparse_jax.train.experiment import (
   Experiment,
-  backward_sparsity,
   build_experiment,
   experiment_info,
+  training_cost_meter,
 )
 from autosparse_jax.train.plots import write_plots
 from autosparse_jax.train.summary import (
@@ -189,7 +189,7 @@ def _finish(exp: Experiment, workdir: Path, outcome, seconds: float) -> dict[str
       logging.info("the run in %s had finished: %s is left as it is", workdir, SUMMARY_JSON)
       return result
     text = write_summary(workdir, summary)
-    logging.info("summary (%s):\n%s", workdir / SUMMARY_TXT, text)
+    logs.say(f"\n{text.rstrip()}\n(written to {workdir / SUMMARY_TXT})")
     try:
       write_plots(workdir, summary, logs.read_jsonl(workdir / logs.METRICS_FILE))
     except Exception as e:  # noqa: BLE001 -- the plots are a report, not the training
@@ -271,7 +271,7 @@ def _train_loop(
 
   meta_run = config_lib.run_identity(config)
   progress = logs.Progress(total)
-  cost_meter = _training_cost_meter(exp, workdir, start_step, carried.cost_meter)
+  cost_meter = _training_cost_meter(exp, carried.cost_meter)
   window: list[dict[str, Any]] = list(carried.window)
   last: dict[str, float] = dict(carried.last_train)
 
@@ -327,7 +327,7 @@ def _train_loop(
           timing = progress.update(step)
           writer.write_scalars(step, {**scalars, **timing})
           if is_main:
-            logging.info("%s", progress.line(step, timing))
+            logs.say(progress.line(step, {**scalars, **timing}))
           last = scalars
           _check_divergence(step, scalars, in_a_row, diverged_loss, config, ckpt)
         if step % exp.eval_every_steps == 0 or step == total:
@@ -395,16 +395,12 @@ def _check_divergence(step, scalars, in_a_row, diverged_loss, config, ckpt) -> N
     )
 
 
-def _training_cost_meter(exp: Experiment, workdir: Path, start_step: int, carried=None):
+def _training_cost_meter(exp: Experiment, carried: dict[str, float] | None):
   """The run's :class:`~autosparse_jax.flops.RunningTrainingCost` (None without MAC counts);
   a resumed run takes it from its checkpoint."""
-  from autosparse_jax import flops
-
   if not exp.dense_macs:
     return None
-  meter = flops.RunningTrainingCost(
-    exp.dense_macs, exp.config.method, backward_sparsity(exp.config)
-  )
+  meter = training_cost_meter(exp.config, exp.dense_macs)
   if carried is not None:
     meter.cost, meter.steps = carried["cost"], carried["steps"]
     meter.last_step = carried["last_step"]

@@ -30,6 +30,7 @@ import optax
 
 import autosparse_jax as autosparse
 from autosparse_jax.selection import path_string
+from autosparse_jax.train.config_lib import ConfigError
 
 ALPHA_ZERO_AT_FRACTION = 0.9
 GMP_BEGIN_FRACTION = 0.1
@@ -71,7 +72,7 @@ def learning_rate_schedule(
   peak = peak_learning_rate(config)
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps:
-    raise ValueError(
+    raise ConfigError(
       f"config.warmup_epochs={config.warmup_epochs}: {warmup} warmup steps leave none of the "
       f"{total_steps} training steps for the decay"
     )
@@ -83,7 +84,7 @@ def learning_rate_schedule(
     return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
     )
-  raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: must be 'cosine' or 'constant'")
+  raise ConfigError(f"config.lr_schedule={config.lr_schedule!r}: must be 'cosine' or 'constant'")
 
 
 def kernel_mask(tree: Any) -> Any:
@@ -117,7 +118,7 @@ def base_optimizer(
       )
     )
   else:
-    raise ValueError(f"config.optimizer={config.optimizer!r}: must be 'sgd' or 'adamw'")
+    raise ConfigError(f"config.optimizer={config.optimizer!r}: must be 'sgd' or 'adamw'")
   return optax.chain(*parts) if len(parts) > 1 else parts[0]
 
 
@@ -155,7 +156,7 @@ def sparsity_method(
   ``dense_macs`` (per-layer dense MACs by param path) is needed by ``target_flops_ratio``.
 
   Raises:
-    ValueError: ``config.sparsity.<method>: <argument>: <why>``.
+    ConfigError: ``config.sparsity.<method>: <argument>: <why>``.
   """
   name = config.method
   block = config.sparsity[name]
@@ -184,15 +185,21 @@ def sparsity_method(
       return autosparse.AutoSparse(
         alpha=_alpha(block, total_steps), ga_on_threshold=bool(block.ga_on_threshold), **kwargs
       )
-    if name in ("topkast", "topkast_ga"):
-      return autosparse.TopKAST(
+    if name in ("topkast", "topkast_ga", "topkast_pp"):
+      topkast = autosparse.TopKAST(
         forward_sparsity=float(block.forward_sparsity),
         backward_sparsity=(
           None if block.backward_sparsity is None else float(block.backward_sparsity)
         ),
         alpha=_alpha(block, total_steps) if name == "topkast_ga" else None,
         penalty=float(block.penalty),
+        budget=_budget(block),
       )
+      if name == "topkast_pp":
+        return autosparse.Powerprop(topkast, exponent=float(block.exponent))
+      return topkast
+    if name in DYNAMIC_METHODS:
+      return dynamic_method(name, block, total_steps)
     if name == "gmp":
       begin = block.begin_step
       end = block.end_step
@@ -204,10 +211,42 @@ def sparsity_method(
         end_step=end,
         frequency=int(block.frequency),
         initial_sparsity=float(block.initial_sparsity),
+        budget=_budget(block),
       )
   except (ValueError, TypeError) as e:
-    raise ValueError(f"config.sparsity.{name}: {e}") from None
-  raise ValueError(f"config.method={name!r}: unknown method")
+    raise ConfigError(f"config.sparsity.{name}: {e}") from None
+  raise ConfigError(f"config.method={name!r}: unknown method")
+
+
+DYNAMIC_METHODS = ("rigl", "rigl_ga", "set", "mest", "mest_ga")
+DST_END_FRACTION = 0.75  # RigL's T_end: the last 25% of training keeps its masks
+
+
+def _budget(block: ml_collections.ConfigDict) -> autosparse.Budget:
+  return autosparse.Budget(block.budget, dense_first_layer=bool(block.dense_first_layer))
+
+
+def dynamic_method(name: str, block: ml_collections.ConfigDict, total_steps: int) -> Any:
+  """RigL, SET or MEST (``*_ga``: with GA) from ``config.sparsity.<name>``."""
+  end = block.end_step
+  common = dict(
+    sparsity=float(block.sparsity),
+    end_step=int(DST_END_FRACTION * total_steps) if end is None else int(end),
+    update_every=int(block.update_every),
+    begin_step=int(block.begin_step),
+    budget=_budget(block),
+    alpha=_alpha(block, total_steps) if name.endswith("_ga") else None,
+    seed=int(block.seed),
+  )
+  if name.startswith("mest"):
+    return autosparse.MEST(
+      mutation=float(block.mutation),
+      soft_bound=bool(block.soft_bound),
+      score_lambda=float(block.score_lambda),
+      **common,
+    )
+  cls = autosparse.SET if name == "set" else autosparse.RigL
+  return cls(drop_fraction=float(block.drop_fraction), drop_schedule=block.drop_schedule, **common)
 
 
 def prunable_selection(config: ml_collections.ConfigDict) -> Any:
@@ -218,7 +257,7 @@ def prunable_selection(config: ml_collections.ConfigDict) -> Any:
   try:
     return autosparse.kernels(exclude=exclude)
   except ValueError as e:
-    raise ValueError(f"config.sparsity.exclude: {e}") from None
+    raise ConfigError(f"config.sparsity.exclude: {e}") from None
 
 
 def make_optimizer(

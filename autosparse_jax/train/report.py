@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 
+from autosparse_jax.data import DatasetUnavailableError
 from autosparse_jax.selection import path_string
-from autosparse_jax.train.errors import TrainingError
 from autosparse_jax.train.plots import CURVES_PLOT, SPARSITY_PLOT, write_plots
 from autosparse_jax.train.summary import build_summary, format_layer_table, nonzero_counts, percent
 
@@ -42,7 +42,6 @@ def checkpoint_report(
   Raises:
     FileNotFoundError: no ``config.json``, no checkpoint, or none at ``step``.
   """
-  from autosparse_jax import flops
   from autosparse_jax.train import config_lib, experiment, logs
 
   workdir = Path(workdir)
@@ -70,9 +69,7 @@ def checkpoint_report(
   records = logs.read_jsonl(workdir / logs.METRICS_FILE)
   ratio, ratio_steps = None, 0
   if exp.dense_macs:
-    meter = flops.RunningTrainingCost(
-      exp.dense_macs, config.method, experiment.backward_sparsity(config)
-    )
+    meter = experiment.training_cost_meter(config, exp.dense_macs)
     carried = meta.get("cost_meter")
     if carried is not None:  # what the run had counted at this checkpoint
       meter.cost, meter.steps = carried["cost"], carried["steps"]
@@ -131,32 +128,53 @@ def format_checkpoint_report(report: Mapping[str, Any], workdir: str | os.PathLi
   return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
+  """The command: prints the report on stdout and exits; a bad flag or workdir is one
+  ``error:`` line on stderr and exit code 2."""
   import argparse
   import sys
 
-  parser = argparse.ArgumentParser(
+  from autosparse_jax.train import cli
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):
+      raise cli.CommandError(f"{message} (see --help)")
+
+  parser = Parser(
     prog="python -m autosparse_jax.train.report",
     description="Prints the sparsity and FLOP report of a checkpoint in a training workdir.",
+    epilog=cli.VERBOSE_HELP,
   )
   parser.add_argument("--workdir", required=True, help="the run's --workdir")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   parser.add_argument(
     "--plots", action="store_true", help=f"also write {SPARSITY_PLOT} and {CURVES_PLOT}"
   )
-  args = parser.parse_args(argv)
-  try:
-    rep, records = checkpoint_report(args.workdir, args.step)
-  except (FileNotFoundError, ValueError, TrainingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(format_checkpoint_report(rep, args.workdir), end="")
-  if args.plots:
-    step = int(rep["experiment"]["steps"])
-    for path in write_plots(args.workdir, rep, [r for r in records if r["step"] <= step]):
-      print(f"wrote {path}")
-  return 0
+  parser.add_argument("--verbose", action="store_true", help="on an error, print its traceback")
+  argv = sys.argv[1:] if argv is None else argv
+
+  def run() -> int:
+    args = parser.parse_args(argv)
+    cli.check_workdir(args.workdir, exists=True, write=args.plots)
+    try:
+      rep, records = checkpoint_report(args.workdir, args.step)
+    except DatasetUnavailableError:
+      raise
+    except FileNotFoundError as e:  # no config.json, no checkpoint (at --step)
+      raise cli.WorkdirError(f"--workdir={args.workdir}: {e}") from e
+    except ValueError as e:  # e.g. a config.json or checkpoint that cannot be read
+      if cli.exit_code(e) is not None:
+        raise
+      raise cli.CommandFailed(f"--workdir={args.workdir}: {cli.one_line(e)}") from e
+    print(format_checkpoint_report(rep, args.workdir), end="")
+    if args.plots:
+      step = int(rep["experiment"]["steps"])
+      for path in write_plots(args.workdir, rep, [r for r in records if r["step"] <= step]):
+        print(f"wrote {path}")
+    return 0
+
+  cli.handle(run, cli.verbose_requested(argv))
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  main()

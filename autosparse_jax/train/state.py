@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import autosparse_jax as autosparse
+
 
 class TrainState(NamedTuple):
   """Everything a training run carries from step to step (and checkpoints).
@@ -38,16 +40,17 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def create_train_state(
-  rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple
+  rng: jax.Array, model: nn.Module, tx: autosparse.SparseTransformation, input_shape: tuple
 ) -> TrainState:
-  """A fresh state: ``model.init`` on one example of ``input_shape`` (H, W, C), ``tx.init``."""
+  """A fresh state: ``model.init`` on one example of ``input_shape`` (H, W, C), ``tx.init``,
+  and params that are already the effective weights of step 0 (``tx.effective_params``)."""
   variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-  params = variables["params"]
+  opt_state = tx.init(variables["params"])
   return TrainState(
     step=jnp.zeros((), jnp.int32),
-    params=params,
+    params=tx.effective_params(variables["params"], opt_state),
     batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(params),
+    opt_state=opt_state,
     nonfinite_in_a_row=jnp.zeros((), jnp.int32),
     nonfinite_total=jnp.zeros((), jnp.int32),
   )
