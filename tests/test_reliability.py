@@ -194,6 +194,34 @@ def test_finished_run_with_another_config_is_refused_and_extend_keeps_the_old_re
   assert ours[: len(theirs)] == theirs and ours[-1]["step"] == 15
 
 
+def test_the_command_refuses_a_changed_config_in_one_line(reference, subprocess_env, tmp_path):
+  ref_dir, _ = reference
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  before = snapshot(workdir)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "autosparse_jax.train",
+      f"--config={REPO / 'configs' / 'default.py'}",
+      f"--workdir={workdir}",
+      "--config.learning_rate=0.5",
+    ],
+    env=subprocess_env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
+  assert proc.returncode == errors.RunConfigChanged.exit_code, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "holds a run with another config" in lines[0]
+  assert "config.learning_rate: run 0.05, now 0.5" in lines[0] and "--extend" in lines[0]
+  assert snapshot(workdir) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # 4, 5. resumes off the log interval, signals
 
