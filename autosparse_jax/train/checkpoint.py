@@ -122,7 +122,7 @@ class Checkpointer:
       try:  # orbax lists the checkpoints: a live run's keep-N may remove one meanwhile
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         break
-      except FileNotFoundError:
+      except OSError:  # a step directory gone (or going) between listing and reading it
         if training or attempt == 19:
           raise
     self._last_saved: int | None = None
