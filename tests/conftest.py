@@ -76,3 +76,30 @@ def compilation_cache(tmp_path_factory):
   yield
   for name, value in before.items():
     jax.config.update(name, value)
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory):
+  """The environment of a training job in a subprocess (tests/fault_run.py): this checkout on
+  the path, CPU, and one persistent compilation cache for the whole session, so that only the
+  first job compiles."""
+  cache = tmp_path_factory.mktemp("jax_cache_subprocess")
+  return {
+    **os.environ,
+    "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    "JAX_COMPILATION_CACHE_DIR": str(cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_PLATFORMS": "cpu",
+  }
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, subprocess_env):
+  """The digits job of tests/fault_run.py run once, uninterrupted: (workdir, result)."""
+  from fault_helpers import committed, result_of, run
+
+  workdir = tmp_path_factory.mktemp("reference")
+  (output,) = run(workdir, subprocess_env)
+  assert committed(workdir) == [6, 9, 12]
+  return workdir, result_of(output)

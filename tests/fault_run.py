@@ -9,7 +9,15 @@ FAULT, at global step N (each a real signal to this process, at a deterministic 
 * ``--kill-during-save N``: SIGKILL as soon as the asynchronous save of step N has started;
 * ``--kill-at-commit N``: SIGKILL when the save of step N has written everything and is about
   to commit it (orbax's atomic rename): the worst moment of a save;
-* ``--sigterm-after N``: SIGTERM after step N (as a scheduler preempting the job does).
+* ``--sigterm-after N``: SIGTERM after step N (as a scheduler preempting the job does);
+* ``--sigint-after N``: SIGINT (Ctrl-C) after step N;
+* ``--kill-before-summary``: SIGKILL after the final checkpoint, before the summary is written;
+* ``--pause-after N``: after step N, create ``WORKDIR.paused`` and wait until
+  ``WORKDIR.resume`` exists (another process acts on the live run meanwhile).
+
+``--set FIELD=JSON`` overrides a config field (e.g. ``--set log_every_steps=4``); ``--extend``
+passes ``extend=True``. A :class:`~autosparse_jax.train.errors.TrainingError` is printed as
+``ERROR <message>`` and ends the process with its exit code, as the command does.
 
 With ``--processes P`` the run is one of P processes joined by ``jax.distributed`` on
 ``localhost:PORT`` (one CPU device each, gloo collectives); ``--fault-in-process I`` limits the
@@ -24,6 +32,7 @@ import importlib.util
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +75,13 @@ def install_fault(args) -> None:
       kill(signal.SIGKILL)
     if step == args.sigterm_after:
       kill(signal.SIGTERM)
+    if step == args.sigint_after:
+      kill(signal.SIGINT)
+    if step == args.pause_after:
+      self.manager.wait_until_finished()  # the workdir holds still while paused
+      Path(f"{args.workdir}.paused").touch()
+      while not Path(f"{args.workdir}.resume").exists():
+        time.sleep(0.05)
     if step >= args.sigterm_after >= 0:
       # A multi-process job hears of the SIGTERM through JAX's coordination service a few
       # milliseconds later; slow the steps down so that it does before this short run ends.
@@ -81,13 +97,27 @@ def install_fault(args) -> None:
     return await finalize(self, *a, **k)
 
   atomicity.AtomicRenameTemporaryPath.finalize = faulty_finalize
+  if args.kill_before_summary:
+    from autosparse_jax.train import loop
+
+    loop.write_summary = lambda *a, **k: kill(signal.SIGKILL)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("workdir")
-  for fault in ("kill-before-save", "kill-during-save", "kill-at-commit", "sigterm-after"):
+  for fault in (
+    "kill-before-save",
+    "kill-during-save",
+    "kill-at-commit",
+    "sigterm-after",
+    "sigint-after",
+    "pause-after",
+  ):
     parser.add_argument(f"--{fault}", type=int, default=-1)
+  parser.add_argument("--kill-before-summary", action="store_true")
+  parser.add_argument("--set", action="append", default=[])
+  parser.add_argument("--extend", action="store_true")
   parser.add_argument("--processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
@@ -103,8 +133,17 @@ def main():
   if args.fault_in_process in (None, args.process_id):
     install_fault(args)
   from autosparse_jax import train
+  from autosparse_jax.train import logs
+  from autosparse_jax.train.errors import TrainingError
 
-  result = train.train_and_evaluate(config(), args.workdir)
+  logs.quiet_library_logs()  # as the command does
+  overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  try:
+    result = train.train_and_evaluate(config(**overrides), args.workdir, extend=args.extend)
+  except TrainingError as e:
+    print("ERROR", e, flush=True)
+    sys.exit(e.exit_code)
   print("RESULT", json.dumps(result), flush=True)
 
 

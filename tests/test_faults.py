@@ -6,137 +6,22 @@ a persistent compilation cache, so only the first one compiles.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fault_run import config
+from fault_helpers import assert_same_run, committed, result_of, resumed_from, run
 
-from autosparse_jax import train
-from autosparse_jax.train import checkpoint, logs
-from autosparse_jax.train import summary as run_summary
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "fault_run.py"
+from autosparse_jax.train import checkpoint
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return {
-    **os.environ,
-    "PYTHONPATH": str(REPO),
-    "JAX_COMPILATION_CACHE_DIR": str(cache),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    "JAX_PLATFORMS": "cpu",
-  }
-
-
-def run(workdir: Path, env, *args: str, rc: int = 0, processes: int = 1) -> list[str]:
-  """Runs the digits job (``processes`` of it) to the end or its fault; returns each process's
-  output. The output goes to files, not pipes: a process blocked on a full pipe would stall
-  the other at a collective."""
-  port = []
-  if processes > 1:
-    with socket.socket() as s:
-      s.bind(("localhost", 0))
-      port = ["--port", str(s.getsockname()[1]), "--processes", str(processes)]
-  logs_ = [tempfile.TemporaryFile("w+") for _ in range(processes)]
-  procs = [
-    subprocess.Popen(
-      [sys.executable, str(SCRIPT), str(workdir), *args, *port, "--process-id", str(i)],
-      env=env,
-      cwd=REPO,
-      stdout=log,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i, log in enumerate(logs_)
-  ]
-  try:
-    codes = [p.wait(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  outputs = []
-  for log in logs_:
-    log.seek(0)
-    outputs.append(log.read())
-    log.close()
-  for code, output in zip(codes, outputs, strict=True):
-    assert code == rc, f"{args}: exit {code}, expected {rc}\n{output[-3000:]}"
-  return outputs
-
-
-def result_of(output: str) -> dict:
-  (line,) = [line for line in output.splitlines() if line.startswith("RESULT ")]
-  return json.loads(line.removeprefix("RESULT "))
-
-
-def resumed_from(output: str) -> int | None:
-  found = re.findall(r"resuming from \S+/(\d+)", output)
-  return int(found[-1]) if found else None
-
-
-def committed(workdir: Path) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def strip_timing(records):
-  return [{k: v for k, v in r.items() if k not in logs.TIMING_KEYS} for r in records]
-
-
-def final_state(workdir: Path):
-  return train.load_checkpoint(config(), str(workdir))
-
-
-def assert_same_run(workdir: Path, reference: Path, exact: bool = True):
-  """Same final checkpoint (every leaf of the train state), metrics and summary."""
-  a, b = final_state(workdir), final_state(reference)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  leaves = zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True)
-  for (path, x), y in leaves:
-    x, y = np.asarray(x), np.asarray(y)
-    if exact:
-      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-    else:
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-  ours = strip_timing(logs.read_jsonl(workdir / logs.METRICS_FILE))
-  theirs = strip_timing(logs.read_jsonl(reference / logs.METRICS_FILE))
-  assert [r["step"] for r in ours] == [r["step"] for r in theirs]
-  if exact:
-    assert ours == theirs
-  else:
-    for r, s in zip(ours, theirs, strict=True):
-      assert r.keys() == s.keys()
-      for k in r:
-        assert r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-4), (r["step"], k)
-  summaries = [json.loads((d / run_summary.SUMMARY_JSON).read_text()) for d in (workdir, reference)]
-  for s in summaries:
-    s.pop("wall_time_seconds")
-    s["experiment"].pop("processes"), s["experiment"].pop("devices")
-  if exact:
-    assert summaries[0] == summaries[1]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
-  workdir = tmp_path_factory.mktemp("reference")
-  (output,) = run(workdir, env)
-  assert committed(workdir) == [6, 9, 12]
-  return workdir, result_of(output)
+def env(subprocess_env):
+  return subprocess_env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +40,8 @@ def test_killed_anywhere_resumes_bitwise_identical(reference, env, tmp_path):
   (output,) = run(workdir, env, "--kill-during-save", "6", rc=-9)
   assert re.search(r"checkpoint \S+/3 was never completed", output)
   run(workdir, env, "--kill-before-save", "8", rc=-9)
-  # SIGTERM: the run saves the step it is at and exits cleanly.
-  (output,) = run(workdir, env, "--sigterm-after", "10")
+  # SIGTERM: the run saves the step it is at and exits 143 (128 + SIGTERM), as schedulers expect.
+  (output,) = run(workdir, env, "--sigterm-after", "10", rc=143)
   assert "preempted at step 10" in output
   assert 10 in committed(workdir)
   (output,) = run(workdir, env)
@@ -184,7 +69,7 @@ def test_unreadable_latest_checkpoint_is_set_aside_and_the_previous_used(referen
 
 def test_restore_newest_skips_what_cannot_be_read(tmp_path, caplog):
   state = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.array(3, jnp.int32)}
-  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=10)
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=10, training=True)
   for step in (1, 2, 3, 4):
     w = state["w"] * step if step != 4 else state["w"].at[0, 0].set(jnp.nan)
     ckpt.save(step, {**state, "w": w}, {"step": step, "run": {"model": "mlp"}})
@@ -228,7 +113,9 @@ def test_two_processes_match_one_and_resume_across_both(reference, env, tmp_path
   run(workdir, env, "--kill-before-save", "5", processes=2, rc=-9)  # the whole job dies
   # SIGTERM to process 0 only: JAX's preemption service stops both at the same step, each
   # writing its part of the checkpoint.
-  outputs = run(workdir, env, "--sigterm-after", "6", "--fault-in-process", "0", processes=2)
+  outputs = run(
+    workdir, env, "--sigterm-after", "6", "--fault-in-process", "0", processes=2, rc=143
+  )
   stops = [int(re.search(r"preempted at step (\d+)", o).group(1)) for o in outputs]
   assert stops[0] == stops[1] and stops[0] in committed(workdir), stops
   outputs = run(workdir, env, processes=2)

@@ -26,6 +26,12 @@ flags.DEFINE_bool(
   False,
   "Call jax.distributed.initialize() first (multi-process jobs: multi-host GPUs, TPU pods).",
 )
+flags.DEFINE_bool(
+  "extend",
+  False,
+  "Train the workdir's run longer: raise only --config.num_epochs or --config.num_train_steps; "
+  "its earlier config.json and summary are kept as *.until-step-<S>.*.",
+)
 config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py).", lock_config=True
 )
@@ -47,7 +53,7 @@ def main(argv):
   config_lib.check_method_blocks(cli.config_overrides(), [config.method])
   from autosparse_jax.train import loop
 
-  loop.train_and_evaluate(config, FLAGS.workdir)
+  loop.train_and_evaluate(config, FLAGS.workdir, extend=FLAGS.extend)
 
 
 if __name__ == "__main__":

@@ -197,20 +197,33 @@ def load_checkpoint(
   *,
   experiment: Experiment | None = None,
 ) -> TrainState:
-  """The train state saved in ``workdir`` at ``step`` (default: the latest), on this job's
-  devices with the shardings ``config`` asks for (for notebooks, export and tests).
-  ``experiment``: :func:`build_experiment` of ``config`` if already built."""
+  """The train state saved in ``workdir`` at ``step`` (default: the newest that reads back whole
+  and matches its checksums), on this job's devices with the shardings ``config`` asks for (for
+  notebooks, export and tests). Safe on a live run: nothing is written, and a checkpoint that
+  the run's keep-N removes while it is read makes it take the next newest one.
+  ``experiment``: :func:`build_experiment` of ``config`` if already built.
+
+  Raises:
+    FileNotFoundError: no (readable) checkpoint, or none at ``step``.
+  """
+  return read_checkpoint(config, workdir, step, experiment=experiment)[0]
+
+
+def read_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  step: int | None = None,
+  *,
+  experiment: Experiment | None = None,
+) -> tuple[TrainState, dict[str, Any], int]:
+  """:func:`load_checkpoint`, with the checkpoint's metadata and step."""
   exp = build_experiment(config) if experiment is None else experiment
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
     target = sharding.with_shardings(exp.abstract_state, exp.state_shardings)
-    state, _ = ckpt.restore(step, target)
+    return ckpt.read(target, step)
   finally:
     ckpt.close()
-  return state
 
 
 def experiment_info(exp: Experiment, steps: int) -> dict[str, Any]:

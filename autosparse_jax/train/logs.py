@@ -5,9 +5,10 @@ clu's ``metric_writers`` import TensorFlow; these follow their interface
 
 * :class:`ConsoleWriter`: one absl log line per call; keys of per-layer statistics (those
   with a param path, ``sparsity/<path>``, ``tau/<path>``) are left out to keep it readable.
-* :class:`JsonlWriter`: ``metrics.jsonl`` in the workdir, one JSON object per call,
-  ``{"step": s, "time": unix seconds, <key>: value, ...}``, every key. On resume it first
-  drops the records of steps after the restored step, so that the file reads as one run.
+* :class:`JsonlWriter`: ``metrics.jsonl`` in the workdir, one strict JSON object per call,
+  ``{"step": s, "time": unix seconds, <key>: value, ...}``, every key (NaN/Inf as ``null``).
+  On resume it first drops the records of steps after the restored step, so that the file
+  reads as one run, and writes back the records the checkpoint carries that a kill tore.
 * :class:`TensorBoardWriter`: event files through the pure-Python ``tensorboard`` package
   (scalars and the hparams plugin). On resume it writes a ``SessionLog.START`` at the restored
   step, which makes TensorBoard discard the old events of later steps.
@@ -75,43 +76,82 @@ class ConsoleWriter:
     pass
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a ``metrics.jsonl``; a torn last line (a killed writer) is skipped."""
+def _strict(value: float) -> float | None:
+  """NaN/Inf as JSON ``null`` (strict JSON has no NaN)."""
+  return value if math.isfinite(value) else None
+
+
+def read_jsonl(path: str | os.PathLike, warn: bool = True) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` (``null`` values read as NaN); a line that is not JSON
+  (torn by a killed writer) is skipped with a warning naming it."""
   records = []
   path = Path(path)
   if not path.exists():
     return records
-  for line in path.read_text().splitlines():
+  for number, line in enumerate(path.read_text().splitlines(), 1):
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError:
+      if warn:
+        logging.warning("%s line %d is not a whole record (torn by a kill?); skipped", path, number)
       continue
+    records.append({k: float("nan") if v is None else v for k, v in record.items()})
   return records
 
 
 class JsonlWriter:
-  """Appends one JSON object per ``write_scalars`` call to ``path``.
+  """Appends one JSON object per ``write_scalars`` call to ``path`` (NaN/Inf as ``null``).
 
   Args:
     path: the file (created with its directory).
     resume_step: drop the existing records with ``step > resume_step`` first (a resumed run
       rewrites them); None keeps the file as it is.
+    carried: the records written up to ``resume_step`` since the checkpoint before it (kept in
+      the checkpoint): any of them missing from the file (a torn last line) is written back.
+
+  :attr:`recent` lists the records written since :meth:`clear_recent`.
   """
 
-  def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    resume_step: int | None = None,
+    carried: Sequence[Mapping[str, Any]] = (),
+  ):
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.recent: list[dict[str, Any]] = []
     if resume_step is not None and self.path.exists():
-      kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
-      tmp = self.path.with_suffix(".tmp")
-      tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-      os.replace(tmp, self.path)
+      lines = self.path.read_text().splitlines()
+      read = read_jsonl(self.path)
+      kept = [r for r in read if r.get("step", -1) <= resume_step]
+      carried = [dict(r) for r in carried]
+      as_read = [{k: float("nan") if v is None else v for k, v in r.items()} for r in carried]
+      in_file, in_carried = _keys(kept), _keys(as_read)
+      missing = [c for c, r in zip(carried, as_read, strict=True) if _key(r) not in in_file]
+      if missing:
+        logging.warning(
+          "%s: %d record(s) up to step %d were lost or torn; written back from the checkpoint",
+          self.path,
+          len(missing),
+          resume_step,
+        )
+      records = [r for r in kept if _key(r) not in in_carried] + carried
+      records.sort(key=lambda r: r["step"])
+      if len(records) != len(lines) or missing:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(_null_nan(r)) + "\n" for r in records))
+        os.replace(tmp, self.path)
     self._file = open(self.path, "a")  # noqa: SIM115 -- closed in close()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step), "time": time.time()}
-    record.update({k: _to_float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + "\n")
+    record.update({k: _strict(_to_float(v)) for k, v in scalars.items()})
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
+    self.recent.append(record)
+
+  def clear_recent(self) -> None:
+    self.recent = []
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams  # the workdir's config.json holds them
@@ -122,6 +162,19 @@ class JsonlWriter:
   def close(self) -> None:
     if not self._file.closed:
       self._file.close()
+
+
+def _null_nan(record: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: _strict(v) if isinstance(v, float) else v for k, v in record.items()}
+
+
+def _key(record: Mapping[str, Any]) -> str:
+  """A record's identity (NaN equal to NaN)."""
+  return json.dumps(_null_nan(record), sort_keys=True)
+
+
+def _keys(records: Sequence[Mapping[str, Any]]) -> set[str]:
+  return {_key(r) for r in records}
 
 
 class TensorBoardWriter:
@@ -192,15 +245,27 @@ class MultiWriter:
     for w in self.writers:
       w.close()
 
+  @property
+  def recent_records(self) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records written since :meth:`clear_recent` (none off process 0)."""
+    return [r for w in self.writers if isinstance(w, JsonlWriter) for r in w.recent]
+
+  def clear_recent(self) -> None:
+    for w in self.writers:
+      if isinstance(w, JsonlWriter):
+        w.clear_recent()
+
 
 def create_writers(
   workdir: str | os.PathLike,
   *,
   process_index: int = 0,
   resume_step: int | None = None,
+  carried: Sequence[Mapping[str, Any]] = (),
   tensorboard: bool = True,
 ) -> MultiWriter:
-  """Console + ``metrics.jsonl`` + TensorBoard on process 0; no writer elsewhere.
+  """Console + ``metrics.jsonl`` (``carried`` as in :class:`JsonlWriter`) + TensorBoard on
+  process 0; no writer elsewhere.
 
   TensorBoard is skipped with a warning when the ``tensorboard`` package is missing.
   """
@@ -208,7 +273,7 @@ def create_writers(
     return MultiWriter([])
   writers: list[MetricWriter] = [
     ConsoleWriter(),
-    JsonlWriter(Path(workdir) / METRICS_FILE, resume_step),
+    JsonlWriter(Path(workdir) / METRICS_FILE, resume_step, carried),
   ]
   if tensorboard:
     try:
@@ -218,20 +283,28 @@ def create_writers(
   return MultiWriter(writers)
 
 
-class _LibraryInfoFilter(logging_std.Filter):
+class _LibraryFilter(logging_std.Filter):
   NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or not any(
-      n in record.pathname for n in self.NOISY
-    )
+    if not any(n in record.pathname for n in self.NOISY):
+      return True
+    if record.levelno < logging_std.WARNING:
+      return False
+    if record.exc_info or record.exc_text or "\n" in record.getMessage():
+      # orbax logs each failure of its background threads with a traceback; the failure
+      # reaches the caller as an exception, which says what happened in one line.
+      record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def quiet_library_logs() -> None:
-  """Hides orbax's and jax's INFO lines (one per save, compile, ...) from the absl handler."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-    handler.addFilter(_LibraryInfoFilter())
+  """Hides orbax's and jax's INFO lines (one per save, compile, ...) from the absl handler and
+  the root logger's, and shortens their warnings and errors to one line without traceback."""
+  for handler in (logging.get_absl_handler(), *logging_std.getLogger().handlers):
+    if not any(isinstance(f, _LibraryFilter) for f in handler.filters):
+      handler.addFilter(_LibraryFilter())
 
 
 def say(text: str) -> None:

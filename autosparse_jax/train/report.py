@@ -33,9 +33,11 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 def checkpoint_report(
   workdir: str | os.PathLike, step: int | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """The report of the checkpoint at ``step`` (default: the latest) in ``workdir``: per-layer
-  table, inference MACs, and the training-cost ratio up to ``step`` from ``metrics.jsonl``
-  (:func:`build_summary`'s dict plus ``training_cost_steps``), and the metrics records.
+  """The report of the checkpoint at ``step`` (default: the newest readable one; on a live run,
+  the next newest if the run removes it meanwhile) in ``workdir``: per-layer table, inference
+  MACs, and the training-cost ratio up to ``step`` as the run counted it (or from
+  ``metrics.jsonl``) (:func:`build_summary`'s dict plus ``training_cost_steps``), and the
+  metrics records.
 
   Raises:
     FileNotFoundError: no ``config.json``, no checkpoint, or none at ``step``.
@@ -46,16 +48,12 @@ def checkpoint_report(
   config_path = workdir / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist: not a training workdir")
-  steps = checkpoint_steps(workdir)
-  if not steps:
+  if not checkpoint_steps(workdir):
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; there are {steps}")
   config = config_lib.config_from_json(config_path.read_text())
   exp = experiment.build_experiment(config)
-  state = experiment.load_checkpoint(config, str(workdir), step, experiment=exp)
+  # The newest checkpoint may be removed by a live run's keep-N while it is read: the next.
+  state, meta, step = experiment.read_checkpoint(config, str(workdir), step, experiment=exp)
   nonzero = {k: int(v) for k, v in jax.device_get(nonzero_counts(state.params)).items()}
   import autosparse_jax as autosparse
 
@@ -69,11 +67,17 @@ def checkpoint_report(
     for p, x in jax.tree_util.tree_flatten_with_path(exp.abstract_state.params)[0]
   }
   records = logs.read_jsonl(workdir / logs.METRICS_FILE)
-  ratio = None
+  ratio, ratio_steps = None, 0
   if exp.dense_macs:
     meter = experiment.training_cost_meter(config, exp.dense_macs)
-    meter.replay(records, up_to_step=step)
+    carried = meta.get("cost_meter")
+    if carried is not None:  # what the run had counted at this checkpoint
+      meter.cost, meter.steps = carried["cost"], carried["steps"]
+      meter.last_step = carried["last_step"]
+    else:
+      meter.replay(records, up_to_step=step)
     ratio = meter.ratio if meter.steps else None
+    ratio_steps = meter.last_step
   evals = [r for r in records if "eval/accuracy" in r and r["step"] <= step]
   out = build_summary(
     experiment=experiment.experiment_info(exp, step),
@@ -86,7 +90,7 @@ def checkpoint_report(
     dense_macs=exp.dense_macs,
     training_cost_ratio=ratio,
   )
-  out["training_cost_steps"] = meter.last_step if exp.dense_macs else 0
+  out["training_cost_steps"] = ratio_steps
   return out, records
 
 

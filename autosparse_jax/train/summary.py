@@ -15,6 +15,8 @@
    "training_cost": {"ratio": x},            # training MACs relative to dense training
    "wall_time_seconds": t}
 
+Strict JSON: a value that is NaN or infinite (e.g. the loss of a run that diverged) is ``null``.
+
 Inference MACs follow ``autosparse_jax.flops``: ``sum_l (1 - s_l) * M_l`` over the conv and
 dense layers (no pooling or norms), ``M_l`` the layer's dense MACs for one example. The
 training-cost ratio is ``flops/training_ratio`` of the last log step (averaged over the run,
@@ -27,6 +29,7 @@ see :class:`autosparse_jax.flops.RunningTrainingCost`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -233,12 +236,33 @@ def format_summary(report: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def strict_json(value: Any) -> Any:
+  """``value`` with every NaN/Inf float replaced by None (JSON ``null``: strict JSON has no
+  NaN)."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [strict_json(v) for v in value]
+  return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 def write_summary(workdir: str | os.PathLike, report: Mapping[str, Any]) -> str:
-  """Writes ``summary.json`` and ``summary.txt``; returns the text."""
+  """Writes ``summary.json`` (strict JSON: a NaN/Inf value is ``null``) and ``summary.txt``,
+  each whole or not at all; returns the text."""
   workdir = Path(workdir)
-  (workdir / SUMMARY_JSON).write_text(json.dumps(report, indent=2) + "\n")
   text = format_summary(report)
-  (workdir / SUMMARY_TXT).write_text(text)
+  _write_atomically(
+    workdir / SUMMARY_JSON, json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n"
+  )
+  _write_atomically(workdir / SUMMARY_TXT, text)
   return text
 
 
