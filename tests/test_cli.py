@@ -24,7 +24,7 @@ from autosparse_jax.train import cli, config_lib  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = str(REPO / "configs" / "default.py")
-METHODS_TEXT = "dense, autosparse, str, topkast, topkast_ga, gmp"
+METHODS_TEXT = ", ".join(config_lib.METHODS)  # every accepted name, listed in the error
 
 
 def command(module: str, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO):
