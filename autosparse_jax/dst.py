@@ -11,8 +11,12 @@ and rewire it every ``update_every`` steps through :func:`autosparse_jax.dynamic
 * MEST (Yuan et al., 2021, ``prune_utils/retrain.py`` ``update_mask``): prune each layer by
   ``|W| + lambda |g M|`` (the sparse gradient) to the lower bound, then grow random zero
   positions up to the budget. The elastic mutation ratio ``m_t = m_0 max(0, 1 - t / T_end)``
-  sets the bounds: EM prunes to sparsity ``s_l + m_t`` and grows back to ``s_l``; EM&S
-  (``soft_bound=True``) prunes to ``s_l`` and grows to ``s_l - m_t`` (above the budget).
+  is a fraction of each layer's budget ``k_l`` (its active weights): EM prunes to
+  ``k_l - m_t k_l`` weights and grows back to ``k_l``; EM&S (``soft_bound=True``) prunes to
+  ``k_l`` and grows to ``k_l + m_t k_l`` (above the budget). MEST's scripts give the bounds as
+  sparsities (prune to 0.92 for 90%, 0.96 for 95%): 20% of the budget at either sparsity, the
+  default ``m_0 = 0.2``; a fraction of the layer's size instead would prune the whole budget
+  at 95% with the 0.05 of its ResNet-32 scripts.
   Updates go on until the first update step at or after ``T_end``, where ``m_t = 0``: the
   mask ends exactly at the budget.
 
@@ -137,8 +141,8 @@ class MEST:
     sparsity: the budget's overall sparsity.
     end_step: ``T_end``: the mutation ratio reaches 0 there (the window of elastic mutation).
     update_every: steps between mask updates (MEST: every 5 epochs).
-    mutation: ``m_0``, the initial mutation ratio (a fraction of each layer's size; MEST's
-      ResNet-32 scripts: 0.02 for EM, 0.05 for EM&S).
+    mutation: ``m_0``, the initial mutation ratio, a fraction of each layer's budget (MEST's
+      ResNet-32 scripts prune 90% layers to 0.92 and 95% layers to 0.96: 0.2 of the budget).
     soft_bound: EM&S: grow above the budget, prune back to it.
     score_lambda: ``lambda`` of the prune score ``|W| + lambda |g M|`` (MEST's default 0).
     begin_step, budget, alpha, seed: as for :class:`RigL`.
@@ -147,7 +151,7 @@ class MEST:
   sparsity: float
   end_step: int
   update_every: int = 100
-  mutation: float = 0.05
+  mutation: float = 0.2
   soft_bound: bool = False
   score_lambda: float = 0.0
   begin_step: int = 0
@@ -168,7 +172,7 @@ class MEST:
     return self.mutation * jnp.clip(1.0 - t / max(self.end_step, 1), 0.0, 1.0)
 
   def _counts(self, step, n_active, k, size):
-    m = jnp.round(self.mutation_at(step) * size).astype(jnp.int32)
+    m = jnp.round(self.mutation_at(step) * k).astype(jnp.int32)
     if self.soft_bound:  # prune to the budget, grow above it
       return jnp.minimum(k, n_active), jnp.minimum(k + m, size)
     return jnp.clip(k - m, 0, n_active), jnp.asarray(k, jnp.int32)

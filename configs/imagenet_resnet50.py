@@ -11,8 +11,8 @@ Published numbers these configs aim at (top-1 %, ResNet50, 80% sparse): RigL wit
 at 0.42x the dense training FLOPs (Evci et al. 2020, Table 2, 1x schedule); MEST 1x 75.39 at
 0.23x training and 0.21x inference FLOPs (Yuan et al. 2021). RigL/SET here: ERK, drop 0.3
 cosine-decayed, rewired every 100 steps until 75% of training (RigL's ImageNet setting);
-MEST: ERK, elastic mutation 0.05 decaying over 75% of training, rewired every 5 epochs
-(MEST's CIFAR scripts; its ImageNet interval is not in the released code).
+MEST: ERK, elastic mutation 0.2 of each layer's budget decaying over 75% of training, rewired
+every 5 epochs (MEST's CIFAR scripts; its ImageNet interval is not in the released code).
 
 Per-method starting points (docs/recipes.md; the AutoSparse values are not confirmed by the paper):
 STR prunes with weight decay 2.251757813e-5 and s_init = -3200 (90.23% in STR's run); AutoSparse

@@ -114,8 +114,9 @@ def _rigl_block(sparsity: float) -> dict[str, Any]:
 
 
 def _mest_block(sparsity: float) -> dict[str, Any]:
-  # Mutation m_t = mutation * max(0, 1 - t / end_step); soft_bound: EM&S.
-  return {**_dynamic_block(sparsity), "mutation": 0.05, "soft_bound": False, "score_lambda": 0.0}
+  # Mutation m_t = mutation * max(0, 1 - t / end_step), a fraction of each layer's budget;
+  # soft_bound: EM&S.
+  return {**_dynamic_block(sparsity), "mutation": 0.2, "soft_bound": False, "score_lambda": 0.0}
 
 
 def sparsity_defaults() -> ml_collections.ConfigDict:
