@@ -332,6 +332,8 @@ def optax_chain(
     s_updates, at_ceiling = _hold_at_ceiling(
       s_updates, latent.thresholds, new_weights, parts.max_layer_sparsity
     )
+    if parts.entering is not None:  # the method's rule for weights joining the forward set
+      new_weights = parts.entering(state.mask, mask_state, new_weights)
     new_latent = LatentParams(new_weights, optax.apply_updates(latent.thresholds, s_updates))
     # The params after this update are the model of step `annealing.step`.
     effective, mask_state = parts.stage.sparsify(new_latent, mask_state, annealing.step)

@@ -24,7 +24,8 @@ Without GA (``alpha=None``) inactive weights get no gradient, and a weight that 
 dropped restarts at zero, in the latent weights and in every moment of the base optimizer.
 With GA (``alpha`` a float or schedule) inactive weights keep training at ``alpha_t`` of their
 gradient (:func:`autosparse_jax.gradient_annealing`), so a grown weight enters with the latent
-value and moments GA gave it; nothing is reset.
+value and moments GA gave it, its magnitude capped at the smallest one its layer kept
+(:func:`autosparse_jax.dynamic.cap_grown`); nothing is reset.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ DROP_SCHEDULES = ("cosine", "constant")
 
 
 def _annealing_and_reset(alpha):
+  """(annealing, regrown, entering): without GA grown and dropped weights restart at zero;
+  with GA they keep their latent values, a grown one capped (:func:`dynamic.cap_grown`)."""
   if alpha is None:
-    return stages.gradient_annealing(0.0), dynamic.changed
-  return stages.gradient_annealing(alpha), None
+    return stages.gradient_annealing(0.0), dynamic.changed, None
+  return stages.gradient_annealing(alpha), None, dynamic.cap_grown
 
 
 def _check_common(method) -> None:
@@ -122,8 +125,8 @@ class RigL:
       seed=self.seed,
       prunable=prunable,
     )
-    annealing, reset = _annealing_and_reset(self.alpha)
-    return Components(stage, annealing, None, "layer", None, regrown=reset)
+    annealing, reset, entering = _annealing_and_reset(self.alpha)
+    return Components(stage, annealing, None, "layer", None, regrown=reset, entering=entering)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,5 +203,5 @@ class MEST:
       seed=self.seed,
       prunable=prunable,
     )
-    annealing, reset = _annealing_and_reset(self.alpha)
-    return Components(stage, annealing, None, "layer", None, regrown=reset)
+    annealing, reset, entering = _annealing_and_reset(self.alpha)
+    return Components(stage, annealing, None, "layer", None, regrown=reset, entering=entering)

@@ -186,6 +186,25 @@ def changed(old: DynamicMaskState, new: DynamicMaskState) -> Params:
   return treedef.unflatten([a != b for a, b in zip(leaves, news, strict=True)])
 
 
+def cap_grown(old: DynamicMaskState, new: DynamicMaskState, weights: Params) -> Params:
+  """With Gradient Annealing a connection that is grown enters with the value GA trained it to
+  while it was inactive; it is capped at the smallest magnitude its layer kept:
+  ``w <- sign(w) min(|w|, min_{kept} |w|)`` on grown entries (``M_new & ~M_old``), so that it
+  joins at the bottom of the active set instead of swamping the few active weights (without
+  the cap, RigL+GA on LeNet-300-100 at 98% ended at 25.6% test error, RigL at 4.2%). A layer
+  that kept nothing gets its grown weights at zero. Other entries are unchanged."""
+  olds, treedef = jax.tree.flatten(old.masks)
+  out = []
+  for o, n, w in zip(
+    olds, treedef.flatten_up_to(new.masks), treedef.flatten_up_to(weights), strict=True
+  ):
+    magnitude = jnp.abs(w)
+    cap = jnp.min(jnp.where(o & n, magnitude, jnp.inf))
+    cap = jnp.where(jnp.isfinite(cap), cap, jnp.zeros_like(cap))
+    out.append(jnp.where(n & ~o, jnp.sign(w) * jnp.minimum(magnitude, cap), w))
+  return treedef.unflatten(out)
+
+
 def zero_where(tree: Params, fresh: Params, params: Params) -> Params:
   """``tree`` (the params' structure, ``None`` at leaves it leaves out) with the entries marked
   in ``fresh`` set to zero."""

@@ -16,10 +16,13 @@ stage is a :class:`autosparse_jax.MaskStage`:
   ``step`` (``None`` at leaves the method does not prune).
 
 Then ``annealing`` (usually :func:`autosparse_jax.gradient_annealing`) maps the masked
-gradients to latent gradients, and the base optimizer steps. Two optional hooks:
-``latent_init(params) -> weights`` (a reparameterisation, e.g. Powerprop) and
-``regrown(old_state, new_state) -> tree`` (per pruned leaf, the entries whose latent weight and
-base-optimizer moments restart at zero after the update, e.g. RigL's grown connections).
+gradients to latent gradients, and the base optimizer steps. Three optional hooks:
+``latent_init(params) -> weights`` (a reparameterisation, e.g. Powerprop),
+``entering(old_state, new_state, weights) -> weights`` (the new latent weights of entries that
+join the forward set, before ``sparsify``; e.g. RigL+GA caps them, see
+:func:`autosparse_jax.dynamic.cap_grown`) and ``regrown(old_state, new_state) -> tree`` (per
+pruned leaf, the entries whose latent weight and base-optimizer moments restart at zero after
+the update, e.g. RigL's grown connections).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Components(NamedTuple):
   max_layer_sparsity: float | None = None  # a layer this sparse: its thresholds stop rising
   latent_init: Callable[[Any], Any] | None = None  # params -> latent weights; None: a copy
   regrown: Callable[[Any, Any], Any] | None = None  # (old, new mask state) -> entries to reset
+  entering: Callable[[Any, Any, Any], Any] | None = None  # (old, new mask state, W) -> W
 
 
 def _layer_budget(budget: Budget | str) -> Budget | None:

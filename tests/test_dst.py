@@ -189,7 +189,8 @@ def test_grown_and_dropped_weights_restart_with_zero_moments(base):
 
 
 def test_with_ga_inactive_weights_get_alpha_times_gradient():
-  method = autosparse.RigL(0.6, end_step=20, update_every=100, alpha=0.25)
+  # begin_step=1: step 0 only trains (no rewiring, which would cap the grown weights).
+  method = autosparse.RigL(0.6, end_step=20, update_every=100, begin_step=1, alpha=0.25)
   tx = autosparse.optax_chain(optax.sgd(1.0), method)
   params = mlp_params(jax.random.key(3), sizes=(6, 12, 8, 4))
   state = jax.jit(tx.init)(params)
@@ -245,3 +246,40 @@ def test_topkast_and_gmp_follow_the_erk_budget():
   assert [int(m.sum()) for m in _masks(state).values()] == ks
   *_, (_, params, _, _) = _run(autosparse.TopKAST(0.7, budget="erk"), 2)
   assert [int(np.count_nonzero(w)) for w in _kernels(params).values()] == ks
+
+
+def test_a_weight_grown_under_ga_enters_capped_at_the_smallest_kept_magnitude():
+  # Hand-built: one layer kept {0.3, -0.5}, dropped 0.2 and grew -4.0 and 0.1.
+  old = dynamic.DynamicMaskState(
+    {"k": jnp.array([[True, True, True, False, False]])}, jnp.zeros((), jnp.int32)
+  )
+  new = dynamic.DynamicMaskState(
+    {"k": jnp.array([[True, True, False, True, True]])}, jnp.ones((), jnp.int32)
+  )
+  weights = {"k": jnp.array([[0.3, -0.5, 0.2, -4.0, 0.1]])}
+  out = dynamic.cap_grown(old, new, weights)
+  np.testing.assert_array_equal(out["k"], np.float32([[0.3, -0.5, 0.2, -0.3, 0.1]]))
+  # A layer that keeps none of its old weights: the grown 0.3 and -0.5 enter at zero.
+  swap_old = dynamic.DynamicMaskState(
+    {"k": jnp.array([[False, False, True, True, True]])}, old.step
+  )
+  swap_new = dynamic.DynamicMaskState(
+    {"k": jnp.array([[True, True, False, False, False]])}, new.step
+  )
+  out = dynamic.cap_grown(swap_old, swap_new, weights)
+  np.testing.assert_array_equal(out["k"], np.float32([[0.0, 0.0, 0.2, -4.0, 0.1]]))
+
+
+def test_rigl_ga_grown_weights_join_at_the_bottom_of_the_active_set():
+  method = autosparse.RigL(0.75, end_step=6, update_every=2, alpha=0.5)
+  grew = 0
+  for t, _, old, new in _run(method, 6):
+    for k, m in _masks(new).items():
+      before = _masks(old)[k]
+      grown, kept = m & ~before, m & before
+      if not grown.any() or not kept.any():
+        continue
+      w = np.abs(np.asarray(_kernels(new.latent.weights)[k]))
+      assert w[grown].max() <= w[kept].min() + 1e-7, (t, k)
+      grew += int(grown.sum())
+  assert grew > 0
