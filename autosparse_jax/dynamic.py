@@ -137,7 +137,7 @@ def prune_and_grow(
     keeps, totals, drops = [], [], []
     for i in idx:
       w, g, m = leaves[i], gs[i], ms[i]
-      n_keep, n_total = counts(step, jnp.sum(m, dtype=jnp.int32), ks[i], w.size)
+      n_keep, n_total = counts(step, topk.count(m), ks[i], w.size)
       keeps.append(n_keep)
       totals.append(n_total)
       s = jnp.maximum(drop_score(w, g, m, key_at(step + 1, 2 * i)), _TINY)

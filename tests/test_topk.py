@@ -19,6 +19,18 @@ def oracle_mask(w: np.ndarray, k: int) -> np.ndarray:
   return mask.reshape(w.shape)
 
 
+def test_count_is_exact_for_every_shape_and_past_float32_integers():
+  """topk.count sums float32 partials along the last axis: exact against numpy for any shape,
+  and a last axis longer than 2^24 (where a float32 running sum of ones stops being exact)
+  takes the int32 path."""
+  rng = np.random.default_rng(0)
+  for shape in [(), (1,), (7,), (5, 7), (3, 3, 2, 4), (1, 1, 64, 3), (300, 1)]:
+    m = rng.random(shape) < 0.4
+    assert int(jax.jit(topk.count)(jnp.asarray(m))) == np.count_nonzero(m)
+  long = jnp.ones((1, 2**24 + 3), bool)
+  assert int(jax.jit(topk.count)(long)) == 2**24 + 3
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cutoffs_select_exactly_k_with_ties(dtype):
   rng = np.random.default_rng(0)
