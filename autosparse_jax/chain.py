@@ -332,18 +332,34 @@ def optax_chain(
     s_updates, at_ceiling = _hold_at_ceiling(
       s_updates, latent.thresholds, new_weights, parts.max_layer_sparsity
     )
+
+    def when_rewired(fn, operands):
+      """``fn(operands)``, on the steps the masks may have changed only (``parts.rewired``)."""
+      if parts.rewired is None:
+        return fn(operands)
+      due = parts.rewired(state.mask, mask_state)
+      return jax.lax.cond(due, fn, lambda x: x, operands)
+
     if parts.entering is not None:  # the method's rule for weights joining the forward set
-      new_weights = parts.entering(state.mask, mask_state, new_weights)
+      new_weights = when_rewired(lambda w: parts.entering(state.mask, mask_state, w), new_weights)
     new_latent = LatentParams(new_weights, optax.apply_updates(latent.thresholds, s_updates))
     # The params after this update are the model of step `annealing.step`.
     effective, mask_state = parts.stage.sparsify(new_latent, mask_state, annealing.step)
     if parts.regrown is not None:  # grown/dropped weights restart at zero, moments too
-      fresh = parts.regrown(state.mask, mask_state)
-      new_latent = new_latent._replace(
-        weights=dynamic.zero_where(new_latent.weights, fresh, params)
+
+      def reset(operands):
+        weights, effective, base_state = operands
+        fresh = parts.regrown(state.mask, mask_state)
+        return (
+          dynamic.zero_where(weights, fresh, params),
+          dynamic.zero_where(effective, fresh, params),
+          dynamic.reset_moments(base, base_state, fresh, params),
+        )
+
+      weights, effective, base_state = when_rewired(
+        reset, (new_latent.weights, effective, base_state)
       )
-      effective = dynamic.zero_where(effective, fresh, params)
-      base_state = dynamic.reset_moments(base, base_state, fresh, params)
+      new_latent = new_latent._replace(weights=weights)
     leaves, treedef = jax.tree.flatten(params)
     out = [
       u if e is None else (e - p).astype(p.dtype)

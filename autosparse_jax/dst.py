@@ -126,7 +126,16 @@ class RigL:
       prunable=prunable,
     )
     annealing, reset, entering = _annealing_and_reset(self.alpha)
-    return Components(stage, annealing, None, "layer", None, regrown=reset, entering=entering)
+    return Components(
+      stage,
+      annealing,
+      None,
+      "layer",
+      None,
+      regrown=reset,
+      entering=entering,
+      rewired=dynamic.rewired(self.begin_step, self.update_every, self.end_step),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,4 +213,13 @@ class MEST:
       prunable=prunable,
     )
     annealing, reset, entering = _annealing_and_reset(self.alpha)
-    return Components(stage, annealing, None, "layer", None, regrown=reset, entering=entering)
+    return Components(
+      stage,
+      annealing,
+      None,
+      "layer",
+      None,
+      regrown=reset,
+      entering=entering,
+      rewired=dynamic.rewired(self.begin_step, self.update_every, last),
+    )

@@ -119,6 +119,8 @@ def prune_and_grow(
   if begin_step < 0:
     raise ValueError(f"begin_step: must be >= 0, got {begin_step}")
 
+  due = rewires_at(begin_step, every, last_step)
+
   def key_at(step, layer):
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), layer)
 
@@ -156,9 +158,10 @@ def prune_and_grow(
     ms = treedef.flatten_up_to(state.masks)
     idx = [i for i, k in enumerate(ks) if k is not None]
     step = state.step
-    due = (step >= begin_step) & ((step - begin_step) % every == 0) & (step <= last_step)
     old = [ms[i] for i in idx]
-    new = jax.lax.cond(due, lambda o: rewire(step, leaves, gs, ms, ks, idx), lambda o: list(o), old)
+    new = jax.lax.cond(
+      due(step), lambda o: rewire(step, leaves, gs, ms, ks, idx), lambda o: list(o), old
+    )
     nones = treedef.unflatten([None] * len(leaves))
     forward = treedef.unflatten([m if k is not None else None for m, k in zip(ms, ks, strict=True)])
     masked = MaskedGradients(grads, forward, nones, nones)
@@ -177,6 +180,24 @@ def prune_and_grow(
     return treedef.unflatten(eff), state
 
   return MaskStage(init, update, sparsify)
+
+
+def rewires_at(begin_step: int, every: int, last_step: int) -> Callable[[jax.Array], jax.Array]:
+  """``due(t)``: the update of step ``t`` rewires, ``t >= begin``, ``(t - begin) % every == 0``
+  and ``t <= last``."""
+
+  def due(step):
+    return (step >= begin_step) & ((step - begin_step) % every == 0) & (step <= last_step)
+
+  return due
+
+
+def rewired(begin_step: int, every: int, last_step: int) -> Callable[[Any, Any], jax.Array]:
+  """The chain's ``rewired(old, new)`` hook for :func:`prune_and_grow`: whether the update that
+  went from mask state ``old`` to ``new`` rewired the masks. On the other steps the chain skips
+  the reset of grown weights (:func:`changed`, :func:`cap_grown`) and its passes."""
+  due = rewires_at(begin_step, every, last_step)
+  return lambda old, new: due(old.step)
 
 
 def changed(old: DynamicMaskState, new: DynamicMaskState) -> Params:

@@ -16,13 +16,15 @@ stage is a :class:`autosparse_jax.MaskStage`:
   ``step`` (``None`` at leaves the method does not prune).
 
 Then ``annealing`` (usually :func:`autosparse_jax.gradient_annealing`) maps the masked
-gradients to latent gradients, and the base optimizer steps. Three optional hooks:
+gradients to latent gradients, and the base optimizer steps. Optional hooks:
 ``latent_init(params) -> weights`` (a reparameterisation, e.g. Powerprop),
 ``entering(old_state, new_state, weights) -> weights`` (the new latent weights of entries that
 join the forward set, before ``sparsify``; e.g. RigL+GA caps them, see
 :func:`autosparse_jax.dynamic.cap_grown`) and ``regrown(old_state, new_state) -> tree`` (per
 pruned leaf, the entries whose latent weight and base-optimizer moments restart at zero after
-the update, e.g. RigL's grown connections).
+the update, e.g. RigL's grown connections). A method whose masks change only on some steps
+also gives ``rewired(old_state, new_state) -> bool``; the chain then runs ``entering`` and
+``regrown`` under ``jax.lax.cond`` on it, so the other steps pay none of their passes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class Components(NamedTuple):
   latent_init: Callable[[Any], Any] | None = None  # params -> latent weights; None: a copy
   regrown: Callable[[Any, Any], Any] | None = None  # (old, new mask state) -> entries to reset
   entering: Callable[[Any, Any, Any], Any] | None = None  # (old, new mask state, W) -> W
+  # (old, new mask state) -> bool scalar: the masks may have changed; entering and regrown run
+  # only then. None: on every step.
+  rewired: Callable[[Any, Any], Any] | None = None
 
 
 def _layer_budget(budget: Budget | str) -> Budget | None:

@@ -299,6 +299,10 @@ def methods() -> dict[str, Any]:
     "GradualMagnitude": autosparse.GradualMagnitude(
       target_sparsity=0.8, begin_step=0, end_step=SCHEDULE_STEPS, frequency=100
     ),
+    "RigL": autosparse.RigL(0.8, end_step=SCHEDULE_STEPS * 3 // 4, update_every=100),
+    "RigL+GA": autosparse.RigL(
+      0.8, end_step=SCHEDULE_STEPS * 3 // 4, update_every=100, alpha=alpha
+    ),
   }
 
 
@@ -308,4 +312,6 @@ METHOD_NOTES = {
   "TopKAST": "forward = backward sparsity 0.8 (B = A)",
   "TopKAST+GA": "forward 0.8, backward 0.5, alpha = sigmoid_cosine_decay(0.5, T=10k)",
   "GradualMagnitude": "target 0.8, steps 0..10k, masks recomputed every 100 steps",
+  "RigL": "sparsity 0.8, uniform, rewired every 100 steps until 7.5k (drop 0.3, cosine)",
+  "RigL+GA": "RigL, inactive weights trained at alpha = sigmoid_cosine_decay(0.5, T=10k)",
 }

@@ -109,6 +109,8 @@ def traffic(name: str, n: int, p: int, passes: float = 0.0) -> dict[str, float]:
     sparsity (TopKAST+GA here) one search serves both budgets: each pass reads a kernel once.
   * GradualMagnitude between pruning steps: the 7 arrays plus the boolean mask read and
     written (it is carried through a ``lax.cond``); one search every ``frequency`` steps.
+  * RigL, RigL+GA between rewiring steps: the same as GradualMagnitude (the drop-and-grow
+    searches and the reset of grown weights run every ``update_every`` steps, not counted).
   """
   f32 = 4
   searches = {"TopKAST": 1, "TopKAST+GA": 1}.get(name, 0)
@@ -116,7 +118,7 @@ def traffic(name: str, n: int, p: int, passes: float = 0.0) -> dict[str, float]:
     stream = 5 * f32 * n
   elif name.startswith("AutoSparse"):
     stream = 7 * f32 * n + 2 * f32 * p
-  elif name == "GradualMagnitude":
+  elif name in ("GradualMagnitude", "RigL", "RigL+GA"):
     stream = 7 * f32 * n + 2 * p
   elif name in ("TopKAST", "TopKAST+GA"):
     stream = 7 * f32 * n

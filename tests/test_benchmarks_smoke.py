@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 HEAD_KEYS = {"command", "date", "machine", "benchmark", "smoke", "results"}
 MACHINE_KEYS = {"cpu", "cores", "jax", "backend"}
 TIMEOUT_S = 300
+ARMS = {"AutoSparse", "TopKAST", "TopKAST+GA", "GradualMagnitude", "RigL", "RigL+GA"}
 
 SCRIPTS = {
   "step_overhead": {"goal_ratio", "methods", "base_optimizer"},
@@ -78,7 +79,7 @@ def test_smoke_run_writes_results(runs, name):
 
   if name == "step_overhead":
     (model,) = payload["results"]
-    assert {"base", "AutoSparse", "TopKAST", "TopKAST+GA", "GradualMagnitude"} == set(model["arms"])
+    assert {"base", *ARMS} == set(model["arms"])
     for arm, entry in model["arms"].items():
       assert entry["step_s"]["median"] > 0
       if arm != "base":
@@ -87,9 +88,7 @@ def test_smoke_run_writes_results(runs, name):
   elif name == "optimizer_update":
     assert payload["bandwidth"]["copy_GBps"]["median"] > 0
     results = payload["results"]
-    assert {"base", "AutoSparse", "TopKAST", "TopKAST+GA", "GradualMagnitude", "search"} <= set(
-      results
-    )
+    assert {"base", "search", *ARMS} <= set(results)
     for arm, entry in results.items():
       _check_ratio(entry["ratio_to_base"])
       assert entry["bytes_model"]["total_bytes"] > 0
