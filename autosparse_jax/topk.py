@@ -87,13 +87,20 @@ def count(mask: jax.Array) -> jax.Array:
 
 
 def _counts_at(b: jax.Array, ts: jax.Array) -> jax.Array:
-  """``#{b >= t}`` for each of the few thresholds ``ts``, in one pass over ``b``."""
+  """``#{b >= t}`` for each of the few thresholds ``ts``, exact. Two thresholds (TopKAST's two
+  budgets) share one pass when the last axis ``L`` allows: the row sums of
+  ``[b >= t0] + (L + 1) [b >= t1]`` are ``c0 + (L + 1) c1 <= L (L + 2) <= 2^24``, exact in
+  float32, and split back by ``divmod``; otherwise one :func:`count` per threshold."""
   if ts.shape[0] == 1:
     return count(b >= ts[0])[None]
-  if b.ndim == 0 or b.shape[-1] > _EXACT_F32:
-    return jnp.sum(b[..., None] >= ts, axis=tuple(range(b.ndim)), dtype=jnp.int32)
-  partial = jnp.sum((b[..., None] >= ts).astype(jnp.float32), axis=b.ndim - 1)
-  return jnp.sum(partial.astype(jnp.int32), axis=tuple(range(b.ndim - 1)))
+  if ts.shape[0] == 2 and b.ndim and b.shape[-1] * (b.shape[-1] + 2) <= _EXACT_F32:
+    scale = b.shape[-1] + 1
+    # One select, not a sum of two: XLA:CPU then reduces without materialising two arrays.
+    low = b >= ts[0]
+    both = jnp.where(b >= ts[1], jnp.where(low, scale + 1.0, scale), jnp.where(low, 1.0, 0.0))
+    rows = jnp.sum(both, axis=-1).astype(jnp.int32)
+    return jnp.stack([jnp.sum(rows % scale), jnp.sum(rows // scale)])
+  return jnp.stack([count(b >= ts[i]) for i in range(ts.shape[0])])
 
 
 def _rms_bits(w: jax.Array) -> jax.Array:

@@ -60,6 +60,9 @@ def cases(args) -> list[ModelCase]:
     return [ModelCase("lenet_300_100", "LeNet-300-100 (smoke)", 10, (8, 784), 0.0, 3)]
   hw, b = args.resnet50_size, args.resnet50_batch
   all_cases = {
+    "lenet_300_100": ModelCase(
+      "lenet_300_100", "LeNet-300-100, MNIST 784, batch 128", 10, (128, 784), 45, 10
+    ),
     "lenet5": ModelCase(
       "lenet5", "LeNet-5, MNIST 28x28x1, batch 128", 10, (128, 28, 28, 1), 45, 10
     ),
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny models, 3 rounds: seconds (CI)")
   p.add_argument("--out", default="benchmarks/results/step_overhead.json")
-  p.add_argument("--models", default="lenet5,resnet20,resnet50,vit_tiny,gpt_tiny")
+  p.add_argument("--models", default="lenet_300_100,lenet5,resnet20,resnet50,vit_tiny,gpt_tiny")
   p.add_argument("--methods", default=",".join(C.methods()))
   p.add_argument("--resnet50-size", type=int, default=224, help="input height = width")
   p.add_argument("--resnet50-batch", type=int, default=2)

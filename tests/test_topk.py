@@ -31,6 +31,17 @@ def test_count_is_exact_for_every_shape_and_past_float32_integers():
   assert int(jax.jit(topk.count)(long)) == 2**24 + 3
 
 
+def test_counts_at_several_thresholds_match_numpy():
+  """One pass for two thresholds (row sums of an exact float32 encoding), separate counts past
+  its limit on the last axis (4094) or for three thresholds; ties at a threshold count."""
+  rng = np.random.default_rng(1)
+  for shape in [(7,), (5, 7), (3, 3, 2, 4), (2, 4094), (3, 4095), (1, 9000)]:
+    b = rng.integers(0, 50, size=shape).astype(np.int32)
+    for ts in ([10, 30], [30, 10], [25, 25], [0, 50], [5, 20, 45]):
+      got = jax.jit(topk._counts_at)(jnp.asarray(b), jnp.asarray(ts, jnp.int32))
+      np.testing.assert_array_equal(np.asarray(got), [np.count_nonzero(b >= t) for t in ts])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cutoffs_select_exactly_k_with_ties(dtype):
   rng = np.random.default_rng(0)
