@@ -215,6 +215,7 @@ def _kth_largest(keys, order, sizes, ks, starts):
   # v = lo when the bracket is one pattern wide; else one min (c(lo) = k) or max
   # (c(hi) = k - 1) reduction, for all positions of a group in the same pass.
   values: list = [None] * n
+  finishing = []
   for key, pos in zip(keys, order, strict=True):
     brs = [brackets[i] for i in pos]
     k = jnp.stack([ks[i] for i in pos])
@@ -234,10 +235,12 @@ def _kth_largest(keys, order, sizes, ks, starts):
 
     any_finish = jnp.any(use_min | use_max)
     lows, highs = jax.lax.cond(any_finish, finish, lambda lo=lo: (lo, lo))
-    passes = passes + any_finish.astype(jnp.int32)
+    finishing.append(any_finish)
     v = jnp.where(use_min, lows, jnp.where(use_max, highs, lo))
     for j, i in enumerate(pos):
       values[i] = (v[j], use_min[j], use_max[j])
+  # Each array is read at most once by the finishes: one pass over all of them together.
+  passes = passes + jnp.any(jnp.stack(finishing)).astype(jnp.int32)
   return values, brackets, passes
 
 

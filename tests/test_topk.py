@@ -208,6 +208,22 @@ def test_warm_search_takes_few_passes():
     assert int(found.passes) <= 12
 
 
+def test_joint_search_passes_are_those_of_its_slowest_array():
+  """Many arrays searched together take the passes of the slowest alone (each pass reads every
+  live array once; the final min/max reads each array at most once: one pass in all), so the
+  reported passes measure whole reads of the kernel set (the benchmark's byte model)."""
+  rng = np.random.default_rng(3)
+  ws = [jnp.asarray(rng.normal(size=s) * 0.05, jnp.float32) for s in [(40, 30)] * 12]
+  ks = [topk.keep_count(w.size, 0.8) for w in ws]
+  starts = [c.value for c in _cold_search(ws, ks).cuts]
+  ws = [w + jnp.asarray(rng.normal(size=w.shape) * 1e-3, jnp.float32) for w in ws]
+  alone = [int(_search([w], [k], [s]).passes) for w, k, s in zip(ws, ks, starts, strict=True)]
+  joint = _search(ws, ks, starts)
+  assert int(joint.passes) <= max(alone) + 1
+  for w, k, cut in zip(ws, ks, joint.cuts, strict=True):
+    np.testing.assert_array_equal(topk.mask(w, cut), oracle_mask(np.asarray(w), int(k)))
+
+
 def test_topkast_stays_exact_when_the_latent_weights_jump():
   """A restore or a surgery that rescales the latent weights by 1e6 leaves the state's cuts far
   from the new ones: the warm-started search must still give exact counts."""
