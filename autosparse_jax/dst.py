@@ -42,12 +42,34 @@ from autosparse_jax.selection import Prunable
 DROP_SCHEDULES = ("cosine", "constant")
 
 
-def _annealing_and_reset(alpha):
-  """(annealing, regrown, entering): without GA grown and dropped weights restart at zero;
-  with GA they keep their latent values, a grown one capped (:func:`dynamic.cap_grown`)."""
-  if alpha is None:
-    return stages.gradient_annealing(0.0), dynamic.changed, None
-  return stages.gradient_annealing(alpha), None, dynamic.cap_grown
+def _components(method, prunable: Prunable, drop_score, grow_score, last_step: int) -> Components:
+  """The chain's components of a drop-and-grow method: the :func:`dynamic.prune_and_grow`
+  stage, rewired from ``begin_step`` every ``update_every`` steps up to ``last_step``. Without
+  GA grown and dropped weights restart at zero; with GA they keep their latent values, a grown
+  one capped (:func:`dynamic.cap_grown`). Both only on rewiring steps."""
+  stage = dynamic.prune_and_grow(
+    sparsity=method.sparsity,
+    budget=as_budget(method.budget),
+    counts=method._counts,
+    drop_score=drop_score,
+    grow_score=grow_score,
+    begin_step=method.begin_step,
+    every=method.update_every,
+    last_step=last_step,
+    seed=method.seed,
+    prunable=prunable,
+  )
+  ga = method.alpha is not None
+  return Components(
+    stage,
+    stages.gradient_annealing(method.alpha if ga else 0.0),
+    None,
+    "layer",
+    None,
+    regrown=None if ga else dynamic.changed,
+    entering=dynamic.cap_grown if ga else None,
+    rewired=dynamic.rewired(method.begin_step, method.update_every, last_step),
+  )
 
 
 def _check_common(method) -> None:
@@ -113,28 +135,8 @@ class RigL:
   _grow_score = staticmethod(dynamic.gradient_score)
 
   def components(self, prunable: Prunable) -> Components:
-    stage = dynamic.prune_and_grow(
-      sparsity=self.sparsity,
-      budget=as_budget(self.budget),
-      counts=self._counts,
-      drop_score=dynamic.magnitude_score,
-      grow_score=self._grow_score,
-      begin_step=self.begin_step,
-      every=self.update_every,
-      last_step=self.end_step,
-      seed=self.seed,
-      prunable=prunable,
-    )
-    annealing, reset, entering = _annealing_and_reset(self.alpha)
-    return Components(
-      stage,
-      annealing,
-      None,
-      "layer",
-      None,
-      regrown=reset,
-      entering=entering,
-      rewired=dynamic.rewired(self.begin_step, self.update_every, self.end_step),
+    return _components(
+      self, prunable, dynamic.magnitude_score, self._grow_score, last_step=self.end_step
     )
 
 
@@ -200,26 +202,4 @@ class MEST:
     # The last update is the first update step at or after T_end, where m_t = 0.
     steps_to_end = max(self.end_step - self.begin_step, 0)
     last = self.begin_step + -(-steps_to_end // self.update_every) * self.update_every
-    stage = dynamic.prune_and_grow(
-      sparsity=self.sparsity,
-      budget=as_budget(self.budget),
-      counts=self._counts,
-      drop_score=self._drop_score,
-      grow_score=dynamic.random_score,
-      begin_step=self.begin_step,
-      every=self.update_every,
-      last_step=last,
-      seed=self.seed,
-      prunable=prunable,
-    )
-    annealing, reset, entering = _annealing_and_reset(self.alpha)
-    return Components(
-      stage,
-      annealing,
-      None,
-      "layer",
-      None,
-      regrown=reset,
-      entering=entering,
-      rewired=dynamic.rewired(self.begin_step, self.update_every, last),
-    )
+    return _components(self, prunable, self._drop_score, dynamic.random_score, last_step=last)

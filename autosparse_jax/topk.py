@@ -79,8 +79,8 @@ _EXACT_F32 = 2**24  # every integer up to here is a float32: sums of 0/1 below i
 def count(mask: jax.Array) -> jax.Array:
   """``#{mask}`` as an int32 scalar, exact: float32 sums along the last axis (each partial sum
   is an integer ``<= mask.shape[-1] <= 2^24``, so exact in any order), then an int32 sum of
-  those. The same number as ``jnp.sum(mask, dtype=jnp.int32)``, which XLA:CPU runs 2-4x slower
-  on large kernels (``benchmarks/optimizer_update.py``); sharded, each shard sums locally."""
+  those. The same number as ``jnp.sum(mask, dtype=jnp.int32)``, for which XLA:CPU writes and
+  then reduces an int32 array, slower on large kernels; sharded, each shard sums locally."""
   if mask.ndim == 0 or mask.shape[-1] > _EXACT_F32:
     return jnp.sum(mask, dtype=jnp.int32)
   return jnp.sum(jnp.sum(mask.astype(jnp.float32), axis=-1).astype(jnp.int32))
