@@ -181,6 +181,23 @@ def _sync_hyperparams(source: Any, target: Any) -> Any:
   )
 
 
+def _after(updates: Any, threshold_grads: Any) -> Any:
+  """``updates``, each pruned leaf's made to depend on its threshold gradient without changing
+  a value: ``u * (1 + 0 * tanh(sum(dL/ds)))`` is ``u`` for any finite or infinite ``dL/ds`` (a
+  NaN one makes it NaN, as it makes the thresholds and ``W_eff``).
+
+  ``dL/ds`` is a sum over the old latent ``W``, which the update overwrites in place when the
+  state is donated. Unordered with that write, the sum made XLA keep a copy of every kernel;
+  with the write depending on the sum, the sum runs first and no copy is made."""
+  treedef, (us, ts) = _flat(updates, threshold_grads)
+  out = []
+  for u, t in zip(us, ts, strict=True):
+    if t is not None:
+      u = u * (1.0 + 0.0 * jnp.tanh(jnp.sum(t))).astype(u.dtype)
+    out.append(u)
+  return treedef.unflatten(out)
+
+
 def _hold_at_ceiling(threshold_updates, thresholds, weights, ceiling: float | None):
   """Stops the thresholds of a layer from rising (whatever pushes them: gradient, weight decay
   or the controller) when, with its new weights ``W'`` and the updated thresholds ``s + u``,
@@ -198,7 +215,7 @@ def _hold_at_ceiling(threshold_updates, thresholds, weights, ceiling: float | No
       out.append(None)
       continue
     tau = jax.nn.sigmoid(optax.apply_updates(s, u)).astype(w.dtype)
-    kept = topk.count(jnp.abs(w) > tau)
+    kept = topk.count_above(w, tau)
     full = kept < w.size * (1.0 - ceiling)  # i.e. 1 - kept / size > ceiling, without rounding
     held = held + full.astype(jnp.int32)
     out.append(jnp.where(full, jnp.minimum(u, 0.0), u))
@@ -328,7 +345,7 @@ def optax_chain(
       latent_grads.thresholds, threshold_state, latent.thresholds, **extra_args
     )
     s_updates, controller_state = controller.update(s_updates, state.controller, params)
-    new_weights = optax.apply_updates(latent.weights, w_updates)
+    new_weights = optax.apply_updates(latent.weights, _after(w_updates, latent_grads.thresholds))
     s_updates, at_ceiling = _hold_at_ceiling(
       s_updates, latent.thresholds, new_weights, parts.max_layer_sparsity
     )

@@ -115,6 +115,29 @@ def init_thresholds(params: Params, flags: list[bool], value: float, granularity
   return treedef.unflatten([make(w, f) for w, f in zip(leaves, flags, strict=True)])
 
 
+def _signed_sum(g, w, tau, axes, *, kept: bool) -> jax.Array:
+  """``sum(sign(W) * g)`` over the kept weights ``|W| > tau`` (or the others), over ``axes``.
+
+  The 0/1 of the mask is :func:`autosparse_jax.topk.step`'s arithmetic where ``tau`` allows
+  (the same terms: ``x * 1 = x``), so that the sum fuses with it on XLA:CPU instead of reading a
+  select written out first; a select otherwise. Both in branches that read ``g`` and ``W``
+  themselves, as operands shared with the rest of the update would be written out first."""
+  tau = tau.astype(w.dtype).astype(jnp.float32)
+
+  def signed(g, w):
+    return jnp.sign(w).astype(jnp.float32) * g.astype(jnp.float32)
+
+  def fused(g, w):
+    on = topk.step(jnp.abs(w.astype(jnp.float32)), tau)
+    return jnp.sum(signed(g, w) * (on if kept else 1.0 - on), axis=axes, keepdims=True)
+
+  def selected(g, w):
+    m = jnp.abs(w.astype(jnp.float32)) > tau
+    return jnp.sum(jnp.where(m if kept else ~m, signed(g, w), 0.0), axis=axes, keepdims=True)
+
+  return jax.lax.cond(topk.fusable(w, tau), fused, selected, g, w)
+
+
 def threshold_mask() -> MaskStage:
   """STR's soft-threshold mask stage, for every leaf that has a threshold.
 
@@ -140,12 +163,11 @@ def threshold_mask() -> MaskStage:
         continue
       tau = jax.nn.sigmoid(s)
       m = jnp.abs(w) > tau.astype(w.dtype)
-      signed = jnp.sign(w).astype(jnp.float32) * g.astype(jnp.float32)
       axes = _reduce_axes(s)
       slope = -tau * (1.0 - tau)  # d sigmoid(s) / ds, negated: a larger tau shrinks |W_eff|
       masks.append(m)
-      kept.append(slope * jnp.sum(jnp.where(m, signed, 0.0), axis=axes, keepdims=True))
-      masked.append(slope * jnp.sum(jnp.where(m, 0.0, signed), axis=axes, keepdims=True))
+      kept.append(slope * _signed_sum(g, w, tau, axes, kept=True))
+      masked.append(slope * _signed_sum(g, w, tau, axes, kept=False))
     unflat = treedef.unflatten
     return MaskedGradients(grads, unflat(masks), unflat(kept), unflat(masked)), state
 

@@ -4,9 +4,9 @@ For a kernel ``w`` and a count ``k`` the mask selects exactly ``k`` entries: eve
 magnitude is above the k-th largest magnitude ``v``, and of the entries equal to ``v`` those
 with the lowest flat (row-major) indices. ``v`` is searched over the bit patterns ``b`` of
 ``|w|`` as float32 (for non-negative floats the integer order of the bits is the numeric
-order); each pass of the search is one elementwise compare and one sum over ``w``, and sums of
-a sharded array reduce shard-locally and all-reduce a scalar, so no shard ever sees another's
-data, unlike ``jax.lax.top_k`` or a sort.
+order); each pass of the search is one elementwise compare and one sum over ``w`` (see the
+end), and sums of a sharded array reduce shard-locally and all-reduce a scalar, so no shard
+ever sees another's data, unlike ``jax.lax.top_k`` or a sort.
 
 The search keeps a bracket ``lo < hi`` with ``c(lo) >= k > c(hi)``, ``c(t) = #{b >= t}``, and
 probes one ``t`` per pass:
@@ -28,11 +28,19 @@ would put it. :func:`search` returns the passes it took: from the previous step'
 
 All arrays are searched in one loop; an array listed several times (TopKAST's two budgets) is
 read once per pass for all its counts.
+
+A pass counts ``#{b >= t}`` as ``#{|w| > tau}``, ``tau`` the float just below ``t``, summing
+the 0/1 of :func:`step`, ``min(max(|w| - tau, 0) * 2^123, 1)``: arithmetic that XLA:CPU fuses
+into the sum (a compare and select it first writes out to memory, about 8x slower on arrays
+larger than the cache), exact for ``tau`` in ``[2^-88, max finite]``; thresholds outside that
+range (zero, subnormal, inf) compare bit patterns. The finishing min/max and the tie count
+work the same way. :func:`count_above` is the same count for any threshold (the sparsity
+ceiling's ``#{|W| > sigmoid(s)}``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -76,6 +84,12 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
 _EXACT_F32 = 2**24  # every integer up to here is a float32: sums of 0/1 below it are exact
 
 
+def _row_sums(x: jax.Array) -> jax.Array:
+  """``sum(x)`` as int32 for a float32 array of small non-negative integers whose sums along
+  the last axis are at most 2^24: float32 row sums (exact in any order), then an int32 sum."""
+  return jnp.sum(jnp.sum(x, axis=-1).astype(jnp.int32))
+
+
 def count(mask: jax.Array) -> jax.Array:
   """``#{mask}`` as an int32 scalar, exact: float32 sums along the last axis (each partial sum
   is an integer ``<= mask.shape[-1] <= 2^24``, so exact in any order), then an int32 sum of
@@ -83,14 +97,56 @@ def count(mask: jax.Array) -> jax.Array:
   then reduces an int32 array, slower on large kernels; sharded, each shard sums locally."""
   if mask.ndim == 0 or mask.shape[-1] > _EXACT_F32:
     return jnp.sum(mask, dtype=jnp.int32)
-  return jnp.sum(jnp.sum(mask.astype(jnp.float32), axis=-1).astype(jnp.int32))
+  return _row_sums(mask.astype(jnp.float32))
 
 
-def _counts_at(b: jax.Array, ts: jax.Array) -> jax.Array:
-  """``#{b >= t}`` for each of the few thresholds ``ts``, exact. Two thresholds (TopKAST's two
-  budgets) share one pass when the last axis ``L`` allows: the row sums of
-  ``[b >= t0] + (L + 1) [b >= t1]`` are ``c0 + (L + 1) c1 <= L (L + 2) <= 2^24``, exact in
-  float32, and split back by ``divmod``; otherwise one :func:`count` per threshold."""
+# Thresholds tau in [2^-88, max finite] make ``min(max(a - tau, 0) * 2^123, value)`` equal to
+# ``value * [a > tau]`` for every float32 a >= 0 (inf included), with no rounding and whether
+# or not the hardware flushes subnormals to zero (XLA:CPU, TPU do): for a > tau, a - tau is at
+# least ulp(tau) >= 2^-111, a normal number, and 2^-111 * 2^123 = 2^12 >= value for every value
+# used here; a subnormal a (read as 0 where flushed) lies below every such tau either way. NaN
+# entries have no magnitude order and are not supported.
+_FUSED_FLOOR = 2.0**-88
+_FUSED_SCALE = 2.0**123  # values up to 2^12: L + 1 <= 4096 for rows of L(L + 2) <= 2^24
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def step(a: jax.Array, tau: jax.Array, value: float = 1.0) -> jax.Array:
+  """``value * [a > tau]`` by arithmetic alone (see ``_FUSED_FLOOR``): XLA:CPU fuses it into
+  the reduction that sums it, where a compare and select is first written out to memory (about
+  8x slower on kernels larger than the cache)."""
+  return jnp.minimum(jnp.maximum(a - tau, 0.0) * _FUSED_SCALE, value)
+
+
+def fusable(a: jax.Array, taus: jax.Array) -> jax.Array:
+  """Whether every threshold is in the range where :func:`step` is exact (False for NaN)."""
+  if a.ndim == 0 or a.shape[-1] > _EXACT_F32:
+    return jnp.bool_(False)
+  return jnp.all((taus >= _FUSED_FLOOR) & (taus <= _F32_MAX))
+
+
+def count_above(w: jax.Array, tau: jax.Array | float) -> jax.Array:
+  """``#{|w| > tau}`` as an int32 scalar (e.g. a layer's kept weights), with ``tau`` a scalar or
+  broadcasting against ``w`` (one per channel): the number ``count(jnp.abs(w) > tau)`` gives,
+  compared as float32. By fused arithmetic (:func:`step`) when every ``tau`` is in
+  ``[2^-88, max finite]``, by that compare otherwise; each in its own branch, which reads
+  ``w`` itself (an ``|w|`` shared with the rest of a step would be written out first)."""
+  tau = jnp.asarray(tau, jnp.float32)
+
+  def fused(w):
+    return _row_sums(step(jnp.abs(w.astype(jnp.float32)), tau, 1.0))
+
+  def compared(w):
+    return count(jnp.abs(w.astype(jnp.float32)) > tau)
+
+  return jax.lax.cond(fusable(w, tau), fused, compared, w)
+
+
+def _int_counts_at(b: jax.Array, ts: jax.Array) -> jax.Array:
+  """``#{b >= t}`` for each of the few thresholds ``ts`` over an int32 array, exact. Two
+  thresholds (TopKAST's two budgets) share one pass when the last axis ``L`` allows: the row
+  sums of ``[b >= t0] + (L + 1) [b >= t1]`` are ``c0 + (L + 1) c1 <= L (L + 2) <= 2^24``, exact
+  in float32, and split back by ``divmod``; otherwise one :func:`count` per threshold."""
   if ts.shape[0] == 1:
     return count(b >= ts[0])[None]
   if ts.shape[0] == 2 and b.ndim and b.shape[-1] * (b.shape[-1] + 2) <= _EXACT_F32:
@@ -101,6 +157,83 @@ def _counts_at(b: jax.Array, ts: jax.Array) -> jax.Array:
     rows = jnp.sum(both, axis=-1).astype(jnp.int32)
     return jnp.stack([jnp.sum(rows % scale), jnp.sum(rows // scale)])
   return jnp.stack([count(b >= ts[i]) for i in range(ts.shape[0])])
+
+
+def _magnitude_counts_at(w: jax.Array, ts: jax.Array) -> jax.Array:
+  """``#{magnitude_bits(w) >= t}`` for each of the few bit patterns ``ts``: as
+  ``#{|w| > tau}`` with ``tau`` the float just below ``t``, by fused arithmetic (two
+  thresholds in one sum, encoded as in :func:`_int_counts_at`) when every ``tau`` allows it;
+  otherwise by comparing bit patterns."""
+  taus = jax.lax.bitcast_convert_type(ts - 1, jnp.float32)  # t = 0 gives NaN: not fusable
+
+  # Each branch takes |w| from w itself: an |w| shared by both would be written out first.
+  def fused(w):
+    a = jnp.abs(w.astype(jnp.float32))
+    if ts.shape[0] == 2 and a.shape[-1] * (a.shape[-1] + 2) <= _EXACT_F32:
+      scale = a.shape[-1] + 1
+      rows = jnp.sum(step(a, taus[0], 1.0) + step(a, taus[1], scale), axis=-1)
+      rows = rows.astype(jnp.int32)
+      return jnp.stack([jnp.sum(rows % scale), jnp.sum(rows // scale)])
+    return jnp.stack([_row_sums(step(a, taus[i], 1.0)) for i in range(ts.shape[0])])
+
+  def compared(w):
+    return _int_counts_at(magnitude_bits(w), ts)
+
+  return jax.lax.cond(fusable(w, taus), fused, compared, w)
+
+
+class _Key(NamedTuple):
+  """A searched array, through what the search needs of it (closures, so that each computes
+  its key from the source array inside the pass that reads it):
+
+  * ``counts(ts)``: ``#{key >= t}`` for each of the few thresholds ``ts``;
+  * ``extreme(lo, hi, use_min)``: ``min{key >= lo}`` if ``use_min`` else ``max{key < hi}``.
+  """
+
+  counts: Callable[[jax.Array], jax.Array]
+  extreme: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _int_key(get: Callable[[], jax.Array]) -> _Key:
+  """The search's view of the non-negative int32 array ``get()``."""
+
+  def extreme(lo, hi, use_min):
+    return jax.lax.cond(
+      use_min,
+      lambda: jnp.min(jnp.where(get() >= lo, get(), _TOP)),
+      lambda: jnp.max(jnp.where(get() < hi, get(), -1)),
+    )
+
+  return _Key(lambda ts: _int_counts_at(get(), ts), extreme)
+
+
+def _magnitude_key(w: jax.Array) -> _Key:
+  """The search's view of ``magnitude_bits(w)``: counts and extremes by fused arithmetic on
+  ``|w|`` where the thresholds allow (:func:`step`), by comparing bit patterns otherwise."""
+  exact = _int_key(lambda: magnitude_bits(w))
+
+  def extreme(lo, hi, use_min):
+    # The entries >= lo (or < hi) include some in [lo, hi), finite when hi <= inf's pattern.
+    taus = jax.lax.bitcast_convert_type(jnp.stack([lo, hi]) - 1, jnp.float32)
+
+    # Entries outside the side become the largest float (for a min) or 0 (for a max); each
+    # branch takes |w| from w itself, as a shared |w| would be written out first.
+    def lowest(w):
+      a = jnp.abs(w.astype(jnp.float32))
+      v = jnp.min(jnp.maximum(a, (1.0 - step(a, taus[0], 1.0)) * _F32_MAX))
+      return jax.lax.bitcast_convert_type(v, jnp.int32)
+
+    def highest(w):
+      a = jnp.abs(w.astype(jnp.float32))
+      v = jnp.max(jnp.minimum(a, (1.0 - step(a, taus[1], 1.0)) * _F32_MAX))
+      return jax.lax.bitcast_convert_type(v, jnp.int32)
+
+    def fused(w):
+      return jax.lax.cond(use_min, lowest, highest, w)
+
+    return jax.lax.cond(fusable(w, taus), fused, lambda w: exact.extreme(lo, hi, use_min), w)
+
+  return _Key(lambda ts: _magnitude_counts_at(w, ts), extreme)
 
 
 def _rms_bits(w: jax.Array) -> jax.Array:
@@ -151,13 +284,10 @@ def _probe(br: _Bracket, k: jax.Array, start: jax.Array) -> jax.Array:
 
 
 def _kth_largest(keys, order, sizes, ks, starts):
-  """For each position i, the ``ks[i]``-th largest of the non-negative int32 array
-  ``keys[g]()`` of its group ``g`` (``order[g]`` lists a group's positions; a group's array is
-  read once per pass for all of them), by the bracket search of the module docstring.
-
-  ``keys[g]`` is a callable, so that a key computed from another array fuses into each pass.
-  Returns ``(value, min-finished, max-finished)`` per position, the final brackets and the
-  passes taken.
+  """For each position i, the ``ks[i]``-th largest of the key ``keys[g]`` (a :class:`_Key`)
+  of its group ``g`` (``order[g]`` lists a group's positions; a group's array is read once
+  per pass for all of them), by the bracket search of the module docstring. Returns ``(value,
+  min-finished, max-finished)`` per position, the final brackets and the passes taken.
   """
   n = len(ks)
 
@@ -186,9 +316,7 @@ def _kth_largest(keys, order, sizes, ks, starts):
       probes = [_probe(brs[i], ks[i], starts[i]) for i in pos]
       ts = jnp.stack(probes)
       live = jnp.any(jnp.stack([~_done(brs[i], ks[i]) for i in pos]))
-      cs = jax.lax.cond(
-        live, lambda ts, key=key: _counts_at(key(), ts), lambda ts: jnp.zeros_like(ts), ts
-      )
+      cs = jax.lax.cond(live, lambda ts, key=key: key.counts(ts), lambda ts: jnp.zeros_like(ts), ts)
       for j, i in enumerate(pos):
         br, k, t, c = brs[i], ks[i], probes[j], cs[j]
         go = ~_done(br, k)
@@ -225,21 +353,24 @@ def _kth_largest(keys, order, sizes, ks, starts):
     use_min = ~narrow & (c_lo == k) & (k > 0)
     use_max = ~narrow & ~use_min & (k > 0)
 
-    def finish(key=key, lo=lo, hi=hi):
-      x = key()[..., None]
-      axes = tuple(range(x.ndim - 1))
-      return (
-        jnp.min(jnp.where(x >= lo, x, _TOP), axis=axes),
-        jnp.max(jnp.where(x < hi, x, -1), axis=axes),
+    def finish(key=key, lo=lo, hi=hi, use_min=use_min, use_max=use_max):
+      return jnp.stack(
+        [
+          jax.lax.cond(
+            use_min[j] | use_max[j],
+            lambda j=j: key.extreme(lo[j], hi[j], use_min[j]),
+            lambda j=j: lo[j],
+          )
+          for j in range(lo.shape[0])
+        ]
       )
 
     any_finish = jnp.any(use_min | use_max)
-    lows, highs = jax.lax.cond(any_finish, finish, lambda lo=lo: (lo, lo))
+    v = jax.lax.cond(any_finish, finish, lambda lo=lo: lo)
     finishing.append(any_finish)
-    v = jnp.where(use_min, lows, jnp.where(use_max, highs, lo))
     for j, i in enumerate(pos):
       values[i] = (v[j], use_min[j], use_max[j])
-  # Each array is read at most once by the finishes: one pass over all of them together.
+  # Each position's finish reads its array once: one pass over all of them together.
   passes = passes + jnp.any(jnp.stack(finishing)).astype(jnp.int32)
   return values, brackets, passes
 
@@ -263,7 +394,7 @@ def search(
   for i, w in enumerate(weights):
     groups.setdefault(id(w), []).append(i)
   order = list(groups.values())  # per distinct array, the positions that search it
-  bits = [magnitude_bits(weights[pos[0]]) for pos in order]
+  keys = [_magnitude_key(weights[pos[0]]) for pos in order]
   group_of = {i: g for g, pos in enumerate(order) for i in pos}
   passes = jnp.int32(0)
   if start is None:
@@ -273,25 +404,26 @@ def search(
   else:
     starts = [jnp.asarray(s, jnp.int32) for s in start]
   sizes = [w.size for w in weights]
-  keys = [lambda b=b: b for b in bits]
   found, brackets, value_passes = _kth_largest(keys, order, sizes, ks, starts)
   passes = passes + value_passes
 
   # Entries above v number c_hi (no pattern lies strictly between v and hi), and those equal
   # to v c_lo - c_hi when the bracket is one pattern wide; after a min-finish every tied entry
-  # is kept (c(v) = c(lo) = k); after a max-finish one count gives the ties.
+  # is kept (c(v) = c(lo) = k); after a max-finish one pass counts them: c(v) - c(v + 1).
   need, n_tied, max_finish = [], [], []
   for i, ((_, use_min, use_max), br) in enumerate(zip(found, brackets, strict=True)):
     need.append(jnp.where(use_min, 0, ks[i] - br.c_hi))
     n_tied.append(jnp.where(use_min | use_max, 0, br.c_lo - br.c_hi))
     max_finish.append(use_max)
   any_max = jnp.any(jnp.stack(max_finish))
+
+  def tied(i):
+    c = keys[group_of[i]].counts(jnp.stack([found[i][0], found[i][0] + 1]))
+    return jnp.where(max_finish[i], c[0] - c[1], 0)
+
   counted = jax.lax.cond(
     any_max,
-    lambda: [
-      jnp.where(max_finish[i], count(bits[group_of[i]] == found[i][0]), 0)
-      for i in range(len(weights))
-    ],
+    lambda: [tied(i) for i in range(len(weights))],
     lambda: [jnp.int32(0) for _ in weights],
   )
   passes = passes + any_max.astype(jnp.int32)
@@ -302,8 +434,8 @@ def search(
   # i.e. the need-th largest of the key size - index over those entries (0 elsewhere), by the
   # same search, started where evenly spread ties would put it.
   def tie_key(i):
-    b, v = bits[group_of[i]], found[i][0]
-    return lambda: jnp.where(b == v, b.size - flat_index(b.shape), 0)
+    w, v = weights[i], found[i][0]
+    return _int_key(lambda: jnp.where(magnitude_bits(w) == v, w.size - flat_index(w.shape), 0))
 
   tie_ks = [jnp.where(st, nd, 0) for st, nd in zip(straddle, need, strict=True)]
   tie_starts = [

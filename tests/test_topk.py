@@ -38,8 +38,87 @@ def test_counts_at_several_thresholds_match_numpy():
   for shape in [(7,), (5, 7), (3, 3, 2, 4), (2, 4094), (3, 4095), (1, 9000)]:
     b = rng.integers(0, 50, size=shape).astype(np.int32)
     for ts in ([10, 30], [30, 10], [25, 25], [0, 50], [5, 20, 45]):
-      got = jax.jit(topk._counts_at)(jnp.asarray(b), jnp.asarray(ts, jnp.int32))
+      got = jax.jit(topk._int_counts_at)(jnp.asarray(b), jnp.asarray(ts, jnp.int32))
       np.testing.assert_array_equal(np.asarray(got), [np.count_nonzero(b >= t) for t in ts])
+
+
+_TINY = np.finfo(np.float32).tiny  # smallest normal float32
+
+
+def _special_magnitudes(rng, shape):
+  """Magnitudes with zeros, subnormals, tiny and huge normals, the largest float and inf, and
+  the floats just below and just above each (the closest an entry gets to a threshold)."""
+  a = np.abs(rng.normal(size=shape)).astype(np.float32)
+  flat = a.reshape(-1)
+  specials = [0.0, 1e-45, 1e-40, _TINY, 2.0**-88, 1e-30, 1e30, np.finfo(np.float32).max, np.inf]
+  flat[: len(specials)] = np.asarray(specials, np.float32)
+  n = len(specials)
+  flat[n : 2 * n] = np.nextafter(flat[:n], np.float32(0))
+  with np.errstate(over="ignore"):  # above the largest float lies inf
+    flat[2 * n : 3 * n] = np.nextafter(flat[:n], np.float32(np.inf))
+  return a
+
+
+def test_count_above_matches_a_compare_for_every_unit_threshold():
+  """count_above (fused arithmetic) against XLA's own compare counted by numpy, for
+  thresholds across [0, 1] (zero, subnormal, the smallest normal, 2^-88, 2^-100, one) and one
+  per channel, over magnitudes with zeros, subnormals, huge values and inf."""
+  rng = np.random.default_rng(5)
+  f = jax.jit(topk.count_above)
+  taus = [0.0, 1e-45, 1e-40, _TINY, 2.0**-88, 2.0**-100, 1e-30, 0.3, 0.5, 1.0]
+  taus = np.asarray(taus, np.float32)
+  for shape in [(29,), (33, 65), (3, 3, 4, 8)]:
+    a = jnp.asarray(_special_magnitudes(rng, shape))
+    for tau in taus:
+      want = np.count_nonzero(np.asarray(a > tau))
+      assert int(f(a, tau)) == want, (shape, tau)
+    per_channel = jnp.asarray(rng.choice(taus, size=shape[-1]))
+    assert int(f(a, per_channel)) == np.count_nonzero(np.asarray(a > per_channel))
+
+
+def test_magnitude_counts_match_bit_pattern_counts():
+  """The search's counts (fused float arithmetic where the thresholds allow, bit patterns
+  otherwise) equal numpy's counts of bit patterns, for one and two thresholds, special
+  magnitudes included, on rows short enough for the two-in-one encoding and longer ones."""
+  rng = np.random.default_rng(6)
+  floor = int(np.float32(2.0**-88).view(np.int32))
+  inf = int(np.float32(np.inf).view(np.int32))
+  for shape in [(29,), (5, 7), (2, 4094), (2, 4095)]:
+    a = _special_magnitudes(rng, shape)
+    w = jnp.asarray(np.where(rng.random(shape) < 0.5, -a, a))
+    bits = a.view(np.int32)
+    median = int(np.median(bits))
+    cases = [[median], [0], [1], [floor], [floor + 1], [floor + 2], [inf], [inf + 1]]
+    cases += [[median, median - 3000], [floor + 1, median], [0, median], [median, inf + 1]]
+    for ts in cases:
+      got = jax.jit(topk._magnitude_counts_at)(w, jnp.asarray(ts, jnp.int32))
+      np.testing.assert_array_equal(np.asarray(got), [np.count_nonzero(bits >= t) for t in ts])
+
+
+def test_magnitude_extremes_match_bit_patterns_at_their_bounds():
+  """The search's finishing reductions, min{bits >= lo} and max{bits < hi} (fused arithmetic
+  where the bounds allow, bit patterns otherwise), against numpy, with bounds at an entry's
+  own pattern and one pattern either side of it, where an off-by-one shows."""
+  rng = np.random.default_rng(8)
+  a = _special_magnitudes(rng, (6, 50))
+  w = jnp.asarray(np.where(rng.random(a.shape) < 0.5, -a, a))
+  bits = np.sort(a.view(np.int32).ravel())
+  floor = int(np.float32(2.0**-88).view(np.int32))
+  inf = int(np.float32(np.inf).view(np.int32))
+  extreme = jax.jit(lambda w, lo, hi, m: topk._magnitude_key(w).extreme(lo, hi, m))
+  entries = [int(bits[i]) for i in (len(bits) // 3, len(bits) // 2, 2 * len(bits) // 3)]
+  entries += [floor, inf]
+  for b in entries:
+    for lo in (b - 1, b, b + 1):
+      if not (bits >= lo).any():  # the search asks only for a side that holds entries
+        continue
+      hi = int(bits[-1]) + 1 if lo > inf - 1000 else lo + 1000  # some entries in [lo, hi)
+      for hi_ in (hi, inf + 1):
+        want_min = bits[bits >= lo].min()
+        assert int(extreme(w, lo, hi_, True)) == want_min, (lo, hi_)
+    for hi in (b - 1, b, b + 1):
+      want_max = bits[bits < hi].max()
+      assert int(extreme(w, jnp.int32(0), hi, False)) == want_max, hi
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
