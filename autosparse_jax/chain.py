@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax.tree_util import SequenceKey
 
-from autosparse_jax import dynamic, methods, topk
+from autosparse_jax import counting, dynamic, methods
 from autosparse_jax.metadata import plain, with_param_metadata, with_sharding_of
 from autosparse_jax.selection import Prunable, path_string, select_leaves
 from autosparse_jax.stages import GradientAnnealingState, LatentParams, _flat, init_thresholds
@@ -215,7 +215,7 @@ def _hold_at_ceiling(threshold_updates, thresholds, weights, ceiling: float | No
       out.append(None)
       continue
     tau = jax.nn.sigmoid(optax.apply_updates(s, u)).astype(w.dtype)
-    kept = topk.count_above(w, tau)
+    kept = counting.count_above(w, tau)
     full = kept < w.size * (1.0 - ceiling)  # i.e. 1 - kept / size > ceiling, without rounding
     held = held + full.astype(jnp.int32)
     out.append(jnp.where(full, jnp.minimum(u, 0.0), u))

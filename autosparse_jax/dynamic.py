@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from autosparse_jax import topk
+from autosparse_jax import counting, topk
 from autosparse_jax.budgets import Budget
 from autosparse_jax.selection import Prunable, select_leaves
 from autosparse_jax.stages import MaskedGradients, MaskStage
@@ -139,7 +139,7 @@ def prune_and_grow(
     keeps, totals, drops = [], [], []
     for i in idx:
       w, g, m = leaves[i], gs[i], ms[i]
-      n_keep, n_total = counts(step, topk.count(m), ks[i], w.size)
+      n_keep, n_total = counts(step, counting.count(m), ks[i], w.size)
       keeps.append(n_keep)
       totals.append(n_total)
       s = jnp.maximum(drop_score(w, g, m, key_at(step + 1, 2 * i)), _TINY)

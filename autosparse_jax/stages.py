@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from autosparse_jax import schedules, topk
+from autosparse_jax import counting, schedules, topk
 from autosparse_jax.budgets import Budget
 from autosparse_jax.selection import Prunable, select_leaves
 
@@ -118,7 +118,7 @@ def init_thresholds(params: Params, flags: list[bool], value: float, granularity
 def _signed_sum(g, w, tau, axes, *, kept: bool) -> jax.Array:
   """``sum(sign(W) * g)`` over the kept weights ``|W| > tau`` (or the others), over ``axes``.
 
-  The 0/1 of the mask is :func:`autosparse_jax.topk.step`'s arithmetic where ``tau`` allows
+  The 0/1 of the mask is :func:`autosparse_jax.counting.step`'s arithmetic where ``tau`` allows
   (the same terms: ``x * 1 = x``), so that the sum fuses with it on XLA:CPU instead of reading a
   select written out first; a select otherwise. Both in branches that read ``g`` and ``W``
   themselves, as operands shared with the rest of the update would be written out first."""
@@ -128,14 +128,14 @@ def _signed_sum(g, w, tau, axes, *, kept: bool) -> jax.Array:
     return jnp.sign(w).astype(jnp.float32) * g.astype(jnp.float32)
 
   def fused(g, w):
-    on = topk.step(jnp.abs(w.astype(jnp.float32)), tau)
+    on = counting.step(jnp.abs(w.astype(jnp.float32)), tau)
     return jnp.sum(signed(g, w) * (on if kept else 1.0 - on), axis=axes, keepdims=True)
 
   def selected(g, w):
     m = jnp.abs(w.astype(jnp.float32)) > tau
     return jnp.sum(jnp.where(m if kept else ~m, signed(g, w), 0.0), axis=axes, keepdims=True)
 
-  return jax.lax.cond(topk.fusable(w, tau), fused, selected, g, w)
+  return jax.lax.cond(counting.fusable(w, tau), fused, selected, g, w)
 
 
 def threshold_mask() -> MaskStage:

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from autosparse_jax import topk
+from autosparse_jax import counting
 from autosparse_jax.chain import SparseTrainingState
 from autosparse_jax.controller import ControllerState
 from autosparse_jax.selection import Prunable, as_selector, check_patterns, is_kernel, path_string
@@ -41,7 +41,7 @@ def sparsity(params: Any, prunable: Prunable = None) -> Sparsity:
   for name, leaf in flat:
     if not (is_kernel(leaf) and select(name, leaf)):
       continue
-    n = topk.count(leaf == 0)
+    n = counting.count(leaf == 0)
     layers[name] = n / max(leaf.size, 1)
     zeros, size = zeros + n, size + leaf.size
   if not layers:

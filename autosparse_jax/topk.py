@@ -29,13 +29,10 @@ would put it. :func:`search` returns the passes it took: from the previous step'
 All arrays are searched in one loop; an array listed several times (TopKAST's two budgets) is
 read once per pass for all its counts.
 
-A pass counts ``#{b >= t}`` as ``#{|w| > tau}``, ``tau`` the float just below ``t``, summing
-the 0/1 of :func:`step`, ``min(max(|w| - tau, 0) * 2^123, 1)``: arithmetic that XLA:CPU fuses
-into the sum (a compare and select it first writes out to memory, about 8x slower on arrays
-larger than the cache), exact for ``tau`` in ``[2^-88, max finite]``; thresholds outside that
-range (zero, subnormal, inf) compare bit patterns. The finishing min/max and the tie count
-work the same way. :func:`count_above` is the same count for any threshold (the sparsity
-ceiling's ``#{|W| > sigmoid(s)}``).
+A pass counts ``#{b >= t}`` as ``#{|w| > tau}``, ``tau`` the float just below ``t``, with the
+fused arithmetic of :mod:`autosparse_jax.counting` where ``tau`` allows it (most passes), and by
+comparing bit patterns otherwise (zero, subnormal or infinite thresholds). The finishing
+min/max and the tie count work the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +43,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from autosparse_jax.counting import EXACT_F32, counts_at, fusable, row_sums, step
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
 _TOP = 2**31 - 1  # exclusive upper bound: non-negative float32 patterns lie below (NaN aside)
 _FIRST_STEP_LOG2 = 8  # the first step away from ``start``, in units of the last place
 _GROWTH_LOG2 = 4  # each further step is 16x the previous one
@@ -81,103 +81,25 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-_EXACT_F32 = 2**24  # every integer up to here is a float32: sums of 0/1 below it are exact
-
-
-def _row_sums(x: jax.Array) -> jax.Array:
-  """``sum(x)`` as int32 for a float32 array of small non-negative integers whose sums along
-  the last axis are at most 2^24: float32 row sums (exact in any order), then an int32 sum."""
-  return jnp.sum(jnp.sum(x, axis=-1).astype(jnp.int32))
-
-
-def count(mask: jax.Array) -> jax.Array:
-  """``#{mask}`` as an int32 scalar, exact: float32 sums along the last axis (each partial sum
-  is an integer ``<= mask.shape[-1] <= 2^24``, so exact in any order), then an int32 sum of
-  those. The same number as ``jnp.sum(mask, dtype=jnp.int32)``, for which XLA:CPU writes and
-  then reduces an int32 array, slower on large kernels; sharded, each shard sums locally."""
-  if mask.ndim == 0 or mask.shape[-1] > _EXACT_F32:
-    return jnp.sum(mask, dtype=jnp.int32)
-  return _row_sums(mask.astype(jnp.float32))
-
-
-# Thresholds tau in [2^-88, max finite] make ``min(max(a - tau, 0) * 2^123, value)`` equal to
-# ``value * [a > tau]`` for every float32 a >= 0 (inf included), with no rounding and whether
-# or not the hardware flushes subnormals to zero (XLA:CPU, TPU do): for a > tau, a - tau is at
-# least ulp(tau) >= 2^-111, a normal number, and 2^-111 * 2^123 = 2^12 >= value for every value
-# used here; a subnormal a (read as 0 where flushed) lies below every such tau either way. NaN
-# entries have no magnitude order and are not supported.
-_FUSED_FLOOR = 2.0**-88
-_FUSED_SCALE = 2.0**123  # values up to 2^12: L + 1 <= 4096 for rows of L(L + 2) <= 2^24
-_F32_MAX = float(jnp.finfo(jnp.float32).max)
-
-
-def step(a: jax.Array, tau: jax.Array, value: float = 1.0) -> jax.Array:
-  """``value * [a > tau]`` by arithmetic alone (see ``_FUSED_FLOOR``): XLA:CPU fuses it into
-  the reduction that sums it, where a compare and select is first written out to memory (about
-  8x slower on kernels larger than the cache)."""
-  return jnp.minimum(jnp.maximum(a - tau, 0.0) * _FUSED_SCALE, value)
-
-
-def fusable(a: jax.Array, taus: jax.Array) -> jax.Array:
-  """Whether every threshold is in the range where :func:`step` is exact (False for NaN)."""
-  if a.ndim == 0 or a.shape[-1] > _EXACT_F32:
-    return jnp.bool_(False)
-  return jnp.all((taus >= _FUSED_FLOOR) & (taus <= _F32_MAX))
-
-
-def count_above(w: jax.Array, tau: jax.Array | float) -> jax.Array:
-  """``#{|w| > tau}`` as an int32 scalar (e.g. a layer's kept weights), with ``tau`` a scalar or
-  broadcasting against ``w`` (one per channel): the number ``count(jnp.abs(w) > tau)`` gives,
-  compared as float32. By fused arithmetic (:func:`step`) when every ``tau`` is in
-  ``[2^-88, max finite]``, by that compare otherwise; each in its own branch, which reads
-  ``w`` itself (an ``|w|`` shared with the rest of a step would be written out first)."""
-  tau = jnp.asarray(tau, jnp.float32)
-
-  def fused(w):
-    return _row_sums(step(jnp.abs(w.astype(jnp.float32)), tau, 1.0))
-
-  def compared(w):
-    return count(jnp.abs(w.astype(jnp.float32)) > tau)
-
-  return jax.lax.cond(fusable(w, tau), fused, compared, w)
-
-
-def _int_counts_at(b: jax.Array, ts: jax.Array) -> jax.Array:
-  """``#{b >= t}`` for each of the few thresholds ``ts`` over an int32 array, exact. Two
-  thresholds (TopKAST's two budgets) share one pass when the last axis ``L`` allows: the row
-  sums of ``[b >= t0] + (L + 1) [b >= t1]`` are ``c0 + (L + 1) c1 <= L (L + 2) <= 2^24``, exact
-  in float32, and split back by ``divmod``; otherwise one :func:`count` per threshold."""
-  if ts.shape[0] == 1:
-    return count(b >= ts[0])[None]
-  if ts.shape[0] == 2 and b.ndim and b.shape[-1] * (b.shape[-1] + 2) <= _EXACT_F32:
-    scale = b.shape[-1] + 1
-    # One select, not a sum of two: XLA:CPU then reduces without materialising two arrays.
-    low = b >= ts[0]
-    both = jnp.where(b >= ts[1], jnp.where(low, scale + 1.0, scale), jnp.where(low, 1.0, 0.0))
-    rows = jnp.sum(both, axis=-1).astype(jnp.int32)
-    return jnp.stack([jnp.sum(rows % scale), jnp.sum(rows // scale)])
-  return jnp.stack([count(b >= ts[i]) for i in range(ts.shape[0])])
-
-
 def _magnitude_counts_at(w: jax.Array, ts: jax.Array) -> jax.Array:
   """``#{magnitude_bits(w) >= t}`` for each of the few bit patterns ``ts``: as
   ``#{|w| > tau}`` with ``tau`` the float just below ``t``, by fused arithmetic (two
-  thresholds in one sum, encoded as in :func:`_int_counts_at`) when every ``tau`` allows it;
-  otherwise by comparing bit patterns."""
+  thresholds in one sum, encoded as in :func:`autosparse_jax.counting.counts_at`) when every
+  ``tau`` allows it; otherwise by comparing bit patterns."""
   taus = jax.lax.bitcast_convert_type(ts - 1, jnp.float32)  # t = 0 gives NaN: not fusable
 
   # Each branch takes |w| from w itself: an |w| shared by both would be written out first.
   def fused(w):
     a = jnp.abs(w.astype(jnp.float32))
-    if ts.shape[0] == 2 and a.shape[-1] * (a.shape[-1] + 2) <= _EXACT_F32:
+    if ts.shape[0] == 2 and a.shape[-1] * (a.shape[-1] + 2) <= EXACT_F32:
       scale = a.shape[-1] + 1
       rows = jnp.sum(step(a, taus[0], 1.0) + step(a, taus[1], scale), axis=-1)
       rows = rows.astype(jnp.int32)
       return jnp.stack([jnp.sum(rows % scale), jnp.sum(rows // scale)])
-    return jnp.stack([_row_sums(step(a, taus[i], 1.0)) for i in range(ts.shape[0])])
+    return jnp.stack([row_sums(step(a, taus[i], 1.0)) for i in range(ts.shape[0])])
 
   def compared(w):
-    return _int_counts_at(magnitude_bits(w), ts)
+    return counts_at(magnitude_bits(w), ts)
 
   return jax.lax.cond(fusable(w, taus), fused, compared, w)
 
@@ -204,12 +126,13 @@ def _int_key(get: Callable[[], jax.Array]) -> _Key:
       lambda: jnp.max(jnp.where(get() < hi, get(), -1)),
     )
 
-  return _Key(lambda ts: _int_counts_at(get(), ts), extreme)
+  return _Key(lambda ts: counts_at(get(), ts), extreme)
 
 
 def _magnitude_key(w: jax.Array) -> _Key:
   """The search's view of ``magnitude_bits(w)``: counts and extremes by fused arithmetic on
-  ``|w|`` where the thresholds allow (:func:`step`), by comparing bit patterns otherwise."""
+  ``|w|`` where the thresholds allow (:func:`autosparse_jax.counting.step`), by comparing bit
+  patterns otherwise."""
   exact = _int_key(lambda: magnitude_bits(w))
 
   def extreme(lo, hi, use_min):

@@ -9,8 +9,8 @@ Arms (interleaved rounds, median time per call):
 * ``copy``: the machine's memory bandwidth, measured in the same rounds: ``x <- x + 1.0``
   (donated: read + write) over a 512 MB float32 array;
 * ``sum`` and ``count``: two reductions of the same array, ``jnp.sum(x)`` and
-  ``topk.count(x >= c)`` over rows of 1024 (the exact count of every top-k search pass and of
-  the sparsity ceiling), which show how fast XLA reduces on this backend.
+  ``counting.count_above(x, c)`` over rows of 1024 (the exact count of every top-k search pass
+  and of the sparsity ceiling), which show how fast XLA reduces on this backend.
 
 Params and state are donated, as in a train step. The parameter tree is the real ResNet-50
 (``jax.eval_shape(model.init, ...)``: 25,557,032 float32 params, 54 kernels with 25,502,912
@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 import autosparse_jax as autosparse
-from autosparse_jax import topk
+from autosparse_jax import counting, topk
 from autosparse_jax.models import TRANSFORMER_PRUNABLE, get_model
 from autosparse_jax.selection import select_leaves
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
   buf = jax.random.normal(kx, (elems,), jnp.float32)
   arms["copy"] = CopyArm(jnp.copy(buf))
   arms["sum"] = FnArm(jnp.sum, buf)
-  arms["count"] = FnArm(lambda x: topk.count(x.reshape(-1, 1024) >= 0.5), buf)
+  arms["count"] = FnArm(lambda x: counting.count_above(x.reshape(-1, 1024), 0.5), buf)
 
   for arm in arms.values():  # warm-up, then blocks of about --block-s seconds per arm
     arm.run(1)
@@ -426,7 +426,7 @@ def render(payload: dict[str, Any]) -> str:
       f"({bw['buffer_bytes'] / 2**20:.0f} MB buffer, median over rounds): "
       f"copy `x + 1.0` **{bw['copy_GBps']['median']:.1f} GB/s** (read + write), "
       f"reductions (read only): `sum(x)` {bw['sum_GBps']['median']:.1f} GB/s, "
-      f"`topk.count(x >= c)` {bw['count_GBps']['median']:.2f} GB/s. "
+      f"`counting.count_above(x, c)` {bw['count_GBps']['median']:.2f} GB/s. "
       f"{results['base']['ratio_to_base']['rounds']} interleaved rounds; ms/update = median "
       "over rounds; ratio = median over rounds of arm / base within the round, with a 95% "
       "bootstrap CI.\n",

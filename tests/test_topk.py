@@ -8,7 +8,7 @@ import pytest
 from conftest import mlp_loss, mlp_params, record_gradients
 
 import autosparse_jax as autosparse
-from autosparse_jax import topk
+from autosparse_jax import counting, topk
 
 
 def oracle_mask(w: np.ndarray, k: int) -> np.ndarray:
@@ -20,15 +20,15 @@ def oracle_mask(w: np.ndarray, k: int) -> np.ndarray:
 
 
 def test_count_is_exact_for_every_shape_and_past_float32_integers():
-  """topk.count sums float32 partials along the last axis: exact against numpy for any shape,
+  """counting.count sums float32 partials along the last axis: exact against numpy for any shape,
   and a last axis longer than 2^24 (where a float32 running sum of ones stops being exact)
   takes the int32 path."""
   rng = np.random.default_rng(0)
   for shape in [(), (1,), (7,), (5, 7), (3, 3, 2, 4), (1, 1, 64, 3), (300, 1)]:
     m = rng.random(shape) < 0.4
-    assert int(jax.jit(topk.count)(jnp.asarray(m))) == np.count_nonzero(m)
+    assert int(jax.jit(counting.count)(jnp.asarray(m))) == np.count_nonzero(m)
   long = jnp.ones((1, 2**24 + 3), bool)
-  assert int(jax.jit(topk.count)(long)) == 2**24 + 3
+  assert int(jax.jit(counting.count)(long)) == 2**24 + 3
 
 
 def test_counts_at_several_thresholds_match_numpy():
@@ -38,7 +38,7 @@ def test_counts_at_several_thresholds_match_numpy():
   for shape in [(7,), (5, 7), (3, 3, 2, 4), (2, 4094), (3, 4095), (1, 9000)]:
     b = rng.integers(0, 50, size=shape).astype(np.int32)
     for ts in ([10, 30], [30, 10], [25, 25], [0, 50], [5, 20, 45]):
-      got = jax.jit(topk._int_counts_at)(jnp.asarray(b), jnp.asarray(ts, jnp.int32))
+      got = jax.jit(counting.counts_at)(jnp.asarray(b), jnp.asarray(ts, jnp.int32))
       np.testing.assert_array_equal(np.asarray(got), [np.count_nonzero(b >= t) for t in ts])
 
 
@@ -64,7 +64,7 @@ def test_count_above_matches_a_compare_for_every_unit_threshold():
   thresholds across [0, 1] (zero, subnormal, the smallest normal, 2^-88, 2^-100, one) and one
   per channel, over magnitudes with zeros, subnormals, huge values and inf."""
   rng = np.random.default_rng(5)
-  f = jax.jit(topk.count_above)
+  f = jax.jit(counting.count_above)
   taus = [0.0, 1e-45, 1e-40, _TINY, 2.0**-88, 2.0**-100, 1e-30, 0.3, 0.5, 1.0]
   taus = np.asarray(taus, np.float32)
   for shape in [(29,), (33, 65), (3, 3, 4, 8)]:
