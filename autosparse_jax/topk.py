@@ -139,20 +139,16 @@ def _magnitude_key(w: jax.Array) -> _Key:
     # The entries >= lo (or < hi) include some in [lo, hi), finite when hi <= inf's pattern.
     taus = jax.lax.bitcast_convert_type(jnp.stack([lo, hi]) - 1, jnp.float32)
 
-    # Entries outside the side become the largest float (for a min) or 0 (for a max); each
-    # branch takes |w| from w itself, as a shared |w| would be written out first.
-    def lowest(w):
-      a = jnp.abs(w.astype(jnp.float32))
-      v = jnp.min(jnp.maximum(a, (1.0 - step(a, taus[0], 1.0)) * _F32_MAX))
-      return jax.lax.bitcast_convert_type(v, jnp.int32)
-
-    def highest(w):
-      a = jnp.abs(w.astype(jnp.float32))
-      v = jnp.max(jnp.minimum(a, (1.0 - step(a, taus[1], 1.0)) * _F32_MAX))
-      return jax.lax.bitcast_convert_type(v, jnp.int32)
-
+    # One min-reduction either way: outside the side an entry becomes the largest float (min)
+    # or 0 (max, taken as -min(-x)); the kept entries >= hi may be inf, clipped (the answer is
+    # finite). The branch takes |w| from w itself, as a shared |w| would be written out first.
     def fused(w):
-      return jax.lax.cond(use_min, lowest, highest, w)
+      a = jnp.abs(w.astype(jnp.float32))
+      low = jnp.minimum(jnp.maximum(a, (1.0 - step(a, taus[0])) * _F32_MAX), _F32_MAX)
+      high = jnp.minimum(a, (1.0 - step(a, taus[1])) * _F32_MAX)
+      u = use_min.astype(jnp.float32)
+      r = jnp.min(u * low - (1.0 - u) * high)
+      return jax.lax.bitcast_convert_type(jnp.where(use_min, r, -r), jnp.int32)
 
     return jax.lax.cond(fusable(w, taus), fused, lambda w: exact.extreme(lo, hi, use_min), w)
 
