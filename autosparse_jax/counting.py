@@ -3,8 +3,9 @@
 XLA:CPU writes a compare-and-select out to memory before it reduces it (about 3 GB/s on
 arrays larger than the cache), while arithmetic it fuses into the reduction (about 25 GB/s
 here). So a count ``#{|w| > tau}`` sums :func:`step`, ``min(max(|w| - tau, 0) * 2^123, 1)``,
-which equals ``[|w| > tau]`` exactly for ``tau`` in ``[2^-88, max finite]`` (:func:`fusable`),
-and falls back to the compare outside that range. Sums of 0/1 run as float32 row sums (each an
+which equals ``[|w| > tau]`` exactly for ``tau`` in ``[2^-88, max finite]``, and falls back
+to the compare outside that range or on arrays small enough to stay in cache
+(:func:`fused_or_compared`). Sums of 0/1 run as float32 row sums (each an
 integer at most 2^24, exact in any order) and then an int32 sum; sharded, each shard sums
 locally and a scalar is all-reduced. :func:`count_above` is the sparsity ceiling's count;
 :mod:`autosparse_jax.topk`'s search passes and the STR/AutoSparse threshold gradient use
@@ -53,11 +54,20 @@ def step(a: jax.Array, tau: jax.Array, value: float = 1.0) -> jax.Array:
   return jnp.minimum(jnp.maximum(a - tau, 0.0) * _SCALE, value)
 
 
-def fusable(a: jax.Array, taus: jax.Array) -> jax.Array:
-  """Whether every threshold is in the range where :func:`step` is exact (False for NaN)."""
-  if a.ndim == 0 or a.shape[-1] > EXACT_F32:
-    return jnp.bool_(False)
-  return jnp.all((taus >= _FLOOR) & (taus <= _F32_MAX))
+# Below this many entries an array stays in cache, where XLA:CPU's written-out compare costs
+# about what the fused sum does, and the branch between the two only adds dispatch.
+FUSED_MIN_SIZE = 2**20
+
+
+def fused_or_compared(w: jax.Array, taus: jax.Array, fused, compared, *operands):
+  """``fused(*operands)`` when :func:`step` is exact for every threshold in ``taus``
+  (``[2^-88, max finite]``; not NaN) and ``w`` is large enough for it to pay, else
+  ``compared(*operands)``: a ``lax.cond`` whose branches read the operands themselves (an
+  ``|w|`` shared with the rest of a step would be written out first)."""
+  if w.size < FUSED_MIN_SIZE or w.ndim == 0 or w.shape[-1] > EXACT_F32:
+    return compared(*operands)
+  exact = jnp.all((taus >= _FLOOR) & (taus <= _F32_MAX))
+  return jax.lax.cond(exact, fused, compared, *operands)
 
 
 def count_above(w: jax.Array, tau: jax.Array | float) -> jax.Array:
@@ -74,7 +84,7 @@ def count_above(w: jax.Array, tau: jax.Array | float) -> jax.Array:
   def compared(w):
     return count(jnp.abs(w.astype(jnp.float32)) > tau)
 
-  return jax.lax.cond(fusable(w, tau), fused, compared, w)
+  return fused_or_compared(w, tau, fused, compared, w)
 
 
 def counts_at(b: jax.Array, ts: jax.Array) -> jax.Array:

@@ -135,7 +135,7 @@ def _signed_sum(g, w, tau, axes, *, kept: bool) -> jax.Array:
     m = jnp.abs(w.astype(jnp.float32)) > tau
     return jnp.sum(jnp.where(m if kept else ~m, signed(g, w), 0.0), axis=axes, keepdims=True)
 
-  return jax.lax.cond(counting.fusable(w, tau), fused, selected, g, w)
+  return counting.fused_or_compared(w, tau, fused, selected, g, w)
 
 
 def threshold_mask() -> MaskStage:

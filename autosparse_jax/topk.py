@@ -13,8 +13,10 @@ probes one ``t`` per pass:
 
 1. first the ``start`` pattern (the previous step's cut, which moves little between steps; a
    cold search starts at the root-mean-square magnitude, one extra sum);
-2. then, until both sides are probed, steps away from it growing 16x per pass (a jump, a
-   restore or a schedule change costs a few passes more, never exactness);
+2. then, until both sides are probed, steps away from it: the first sized from the count at
+   ``start`` (``g`` entries still to pass out of ``k`` is a move of about ``g / k`` of the cut's
+   value, ``g / k * 2^23`` patterns; twice that), then 4x larger per pass (a jump, a restore or
+   a schedule change costs a few passes more, never exactness);
 3. then linear interpolation of ``c`` inside the bracket, aiming at ``c = k - 1/2``, with a
    halving of the bracket whenever the previous pass halved neither its width nor its count gap.
 
@@ -23,7 +25,7 @@ or ``c(hi) = k - 1`` (``v = max{b < hi}``): one min or max reduction then finish
 at ``v`` straddle the cut, the same search finds the ``need``-th largest of the key
 ``size - flat_index`` over the tied entries (0 elsewhere), started where evenly spread ties
 would put it. :func:`search` returns the passes it took: from the previous step's cut about
-8-15 on the kernels of the tests and benchmarks (ties included), against 32 plus up to
+4-12 per kernel on the tests and benchmarks (ties included), against 32 plus up to
 ``log2(size)`` tie-break passes for a bisection from scratch.
 
 All arrays are searched in one loop; an array listed several times (TopKAST's two budgets) is
@@ -43,7 +45,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from autosparse_jax.counting import EXACT_F32, counts_at, fusable, row_sums, step
+from autosparse_jax.counting import EXACT_F32, counts_at, fused_or_compared, row_sums, step
 
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
 _TOP = 2**31 - 1  # exclusive upper bound: non-negative float32 patterns lie below (NaN aside)
@@ -101,7 +103,7 @@ def _magnitude_counts_at(w: jax.Array, ts: jax.Array) -> jax.Array:
   def compared(w):
     return counts_at(magnitude_bits(w), ts)
 
-  return jax.lax.cond(fusable(w, taus), fused, compared, w)
+  return fused_or_compared(w, taus, fused, compared, w)
 
 
 class _Key(NamedTuple):
@@ -150,7 +152,7 @@ def _magnitude_key(w: jax.Array) -> _Key:
       r = jnp.min(u * low - (1.0 - u) * high)
       return jax.lax.bitcast_convert_type(jnp.where(use_min, r, -r), jnp.int32)
 
-    return jax.lax.cond(fusable(w, taus), fused, lambda w: exact.extreme(lo, hi, use_min), w)
+    return fused_or_compared(w, taus, fused, lambda w: exact.extreme(lo, hi, use_min), w)
 
   return _Key(lambda ts: _magnitude_counts_at(w, ts), extreme)
 
@@ -177,10 +179,24 @@ def _done(br: _Bracket, k: jax.Array) -> jax.Array:
   return (br.hi - br.lo <= 1) | (br.c_lo == k) | (br.c_hi == k - 1) | (k <= 0)
 
 
-def _probe(br: _Bracket, k: jax.Array, start: jax.Array) -> jax.Array:
+def _gallop_step(br: _Bracket, k: jax.Array, magnitudes: bool) -> jax.Array:
+  """How far the next probe steps away from the one side probed so far.
+
+  For magnitude bit patterns, sized from the count: ``g`` entries still to step over out of
+  ``k`` is a relative move of the cut's value of about ``g / k`` (less where the entries are
+  denser than proportional), which is ``g / k * 2^23`` patterns (a float has ``2^23`` per
+  binade); twice that, times 4 per failed step. Otherwise ``2^8`` patterns, times 16."""
+  if not magnitudes:
+    return jnp.left_shift(jnp.int32(1), _FIRST_STEP_LOG2 + _GROWTH_LOG2 * jnp.minimum(br.gallop, 5))
+  left = jnp.where(br.lo_probed, br.c_lo - k, k - br.c_hi).astype(jnp.float32) + 1.0
+  move = left / jnp.maximum(k, 1).astype(jnp.float32) * 2.0**24 * 4.0 ** jnp.minimum(br.gallop, 8)
+  return jnp.clip(move, 1.0, 2.0**30).astype(jnp.int32)
+
+
+def _probe(br: _Bracket, k: jax.Array, start: jax.Array, magnitudes: bool) -> jax.Array:
   """The next threshold to count, strictly inside ``(lo, hi)``."""
   width = br.hi - br.lo
-  step = jnp.left_shift(jnp.int32(1), _FIRST_STEP_LOG2 + _GROWTH_LOG2 * jnp.minimum(br.gallop, 5))
+  step = _gallop_step(br, k, magnitudes)
   up = br.lo + jnp.minimum(step, width - 1)
   down = br.hi - jnp.minimum(step, width - 1)
   aim = (br.c_lo - k).astype(jnp.float32) + 0.5  # entries to step over, from lo
@@ -202,11 +218,12 @@ def _probe(br: _Bracket, k: jax.Array, start: jax.Array) -> jax.Array:
   )
 
 
-def _kth_largest(keys, order, sizes, ks, starts):
+def _kth_largest(keys, order, sizes, ks, starts, magnitudes):
   """For each position i, the ``ks[i]``-th largest of the key ``keys[g]`` (a :class:`_Key`)
   of its group ``g`` (``order[g]`` lists a group's positions; a group's array is read once
-  per pass for all of them), by the bracket search of the module docstring. Returns ``(value,
-  min-finished, max-finished)`` per position, the final brackets and the passes taken.
+  per pass for all of them), by the bracket search of the module docstring; ``magnitudes``:
+  the keys are magnitude bit patterns (galloping steps sized by :func:`_gallop_step`). Returns
+  ``(value, min-finished, max-finished)`` per position, the final brackets and the passes.
   """
   n = len(ks)
 
@@ -232,7 +249,7 @@ def _kth_largest(keys, order, sizes, ks, starts):
     brs, passes = carry
     brs = list(brs)
     for key, pos in zip(keys, order, strict=True):
-      probes = [_probe(brs[i], ks[i], starts[i]) for i in pos]
+      probes = [_probe(brs[i], ks[i], starts[i], magnitudes) for i in pos]
       ts = jnp.stack(probes)
       live = jnp.any(jnp.stack([~_done(brs[i], ks[i]) for i in pos]))
       cs = jax.lax.cond(live, lambda ts, key=key: key.counts(ts), lambda ts: jnp.zeros_like(ts), ts)
@@ -323,7 +340,7 @@ def search(
   else:
     starts = [jnp.asarray(s, jnp.int32) for s in start]
   sizes = [w.size for w in weights]
-  found, brackets, value_passes = _kth_largest(keys, order, sizes, ks, starts)
+  found, brackets, value_passes = _kth_largest(keys, order, sizes, ks, starts, True)
   passes = passes + value_passes
 
   # Entries above v number c_hi (no pattern lies strictly between v and hi), and those equal
@@ -366,7 +383,7 @@ def search(
   def tie_break():
     every = list(range(len(weights)))
     got, _, tie_passes = _kth_largest(
-      [tie_key(i) for i in every], [[i] for i in every], sizes, tie_ks, tie_starts
+      [tie_key(i) for i in every], [[i] for i in every], sizes, tie_ks, tie_starts, False
     )
     bounds = [
       jnp.where(st, sz - g[0] + 1, sz) for st, sz, g in zip(straddle, sizes, got, strict=True)

@@ -103,3 +103,16 @@ def reference(tmp_path_factory, subprocess_env):
   (output,) = run(workdir, subprocess_env)
   assert committed(workdir) == [6, 9, 12]
   return workdir, result_of(output)
+
+
+@pytest.fixture(params=["compared", "fused"])
+def count_path(request, monkeypatch):
+  """Runs a test twice: with counts by compare (the path of arrays that fit in cache, as the
+  tests' small ones do) and by the fused arithmetic of large arrays, forced on every size."""
+  from autosparse_jax import counting
+
+  if request.param == "fused":
+    monkeypatch.setattr(counting, "FUSED_MIN_SIZE", 0)
+  jax.clear_caches()  # no trace made under the other path may be reused
+  yield request.param
+  jax.clear_caches()

@@ -35,7 +35,7 @@ def one_update(method, params, x, y):
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
-def test_str_gradients_equal_jax_grad_of_soft_threshold_loss(granularity, batch):
+def test_str_gradients_equal_jax_grad_of_soft_threshold_loss(granularity, batch, count_path):
   x, y = batch
   params = mlp_params(jax.random.key(0))
   method = autosparse.STR(threshold_init=-1.5, granularity=granularity)  # tau = 0.18: some pruned

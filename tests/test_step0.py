@@ -69,7 +69,7 @@ def test_effective_params_finds_the_state_inside_wrappers():
     inner.effective_params(params, optax.sgd(0.1).init(params))
 
 
-def test_matches_str_reference_training_for_50_steps(batch):
+def test_matches_str_reference_training_for_50_steps(batch, count_path):
   """STR (RAIVNLab/STR) trains (W, s) by SGD with momentum and weight decay on both, the model
   computing with sign(W) * relu(|W| - sigmoid(s)) from step 0. The reference differentiates
   that composition with jax.grad; the chain starts from tx.effective_params."""

@@ -59,7 +59,7 @@ def _special_magnitudes(rng, shape):
   return a
 
 
-def test_count_above_matches_a_compare_for_every_unit_threshold():
+def test_count_above_matches_a_compare_for_every_unit_threshold(count_path):
   """count_above (fused arithmetic) against XLA's own compare counted by numpy, for
   thresholds across [0, 1] (zero, subnormal, the smallest normal, 2^-88, 2^-100, one) and one
   per channel, over magnitudes with zeros, subnormals, huge values and inf."""
@@ -76,7 +76,7 @@ def test_count_above_matches_a_compare_for_every_unit_threshold():
     assert int(f(a, per_channel)) == np.count_nonzero(np.asarray(a > per_channel))
 
 
-def test_magnitude_counts_match_bit_pattern_counts():
+def test_magnitude_counts_match_bit_pattern_counts(count_path):
   """The search's counts (fused float arithmetic where the thresholds allow, bit patterns
   otherwise) equal numpy's counts of bit patterns, for one and two thresholds, special
   magnitudes included, on rows short enough for the two-in-one encoding and longer ones."""
@@ -95,7 +95,7 @@ def test_magnitude_counts_match_bit_pattern_counts():
       np.testing.assert_array_equal(np.asarray(got), [np.count_nonzero(bits >= t) for t in ts])
 
 
-def test_magnitude_extremes_match_bit_patterns_at_their_bounds():
+def test_magnitude_extremes_match_bit_patterns_at_their_bounds(count_path):
   """The search's finishing reductions, min{bits >= lo} and max{bits < hi} (fused arithmetic
   where the bounds allow, bit patterns otherwise), against numpy, with bounds at an entry's
   own pattern and one pattern either side of it, where an off-by-one shows."""
@@ -254,7 +254,7 @@ def _random_case(rng, kind, shape):
 
 
 @pytest.mark.parametrize("kind", ["ties", "normal", "scaled", "zeros"])
-def test_search_is_exact_from_any_start_and_for_repeated_arrays(kind):
+def test_search_is_exact_from_any_start_and_for_repeated_arrays(kind, count_path):
   """Any start (a cold one, one from another binade, the extremes) gives the oracle's mask; an
   array listed twice (TopKAST's two budgets) gets both counts exact."""
   rng = np.random.default_rng(len(kind))
@@ -272,7 +272,7 @@ def test_search_is_exact_from_any_start_and_for_repeated_arrays(kind):
         np.testing.assert_array_equal(got, oracle_mask(np.asarray(w), k))
 
 
-def test_warm_search_takes_few_passes():
+def test_warm_search_takes_few_passes(count_path):
   """Started from the previous cut after a small drift, the search needs far fewer passes than
   the 31 of a bisection, for both budgets together."""
   rng = np.random.default_rng(7)
@@ -303,7 +303,7 @@ def test_joint_search_passes_are_those_of_its_slowest_array():
     np.testing.assert_array_equal(topk.mask(w, cut), oracle_mask(np.asarray(w), int(k)))
 
 
-def test_topkast_stays_exact_when_the_latent_weights_jump():
+def test_topkast_stays_exact_when_the_latent_weights_jump(count_path):
   """A restore or a surgery that rescales the latent weights by 1e6 leaves the state's cuts far
   from the new ones: the warm-started search must still give exact counts."""
   params = mlp_params(jax.random.key(8), sizes=(10, 20, 5))
