@@ -44,7 +44,7 @@ def count(mask: jax.Array) -> jax.Array:
 # entries have no magnitude order and are not supported.
 _FLOOR = 2.0**-88
 _SCALE = 2.0**123  # values up to 2^12: L + 1 <= 4096 for rows of L(L + 2) <= 2^24
-_F32_MAX = float(jnp.finfo(jnp.float32).max)
+F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def step(a: jax.Array, tau: jax.Array, value: float = 1.0) -> jax.Array:
@@ -66,7 +66,7 @@ def fused_or_compared(w: jax.Array, taus: jax.Array, fused, compared, *operands)
   ``|w|`` shared with the rest of a step would be written out first)."""
   if w.size < FUSED_MIN_SIZE or w.ndim == 0 or w.shape[-1] > EXACT_F32:
     return compared(*operands)
-  exact = jnp.all((taus >= _FLOOR) & (taus <= _F32_MAX))
+  exact = jnp.all((taus >= _FLOOR) & (taus <= F32_MAX))
   return jax.lax.cond(exact, fused, compared, *operands)
 
 

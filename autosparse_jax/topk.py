@@ -45,12 +45,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from autosparse_jax.counting import EXACT_F32, counts_at, fused_or_compared, row_sums, step
+from autosparse_jax.counting import (
+  EXACT_F32,
+  F32_MAX,
+  counts_at,
+  fused_or_compared,
+  row_sums,
+  step,
+)
 
-_F32_MAX = float(jnp.finfo(jnp.float32).max)
 _TOP = 2**31 - 1  # exclusive upper bound: non-negative float32 patterns lie below (NaN aside)
-_FIRST_STEP_LOG2 = 8  # the first step away from ``start``, in units of the last place
-_GROWTH_LOG2 = 4  # each further step is 16x the previous one
+# Galloping over keys that are not magnitudes (the tie-break's flat indices): the first step
+# away from ``start`` in key units, each further one 16x the previous.
+_FIRST_STEP_LOG2 = 8
+_GROWTH_LOG2 = 4
 _MAX_PASSES = 200  # never reached: width or count gap halves every second pass after ~15
 
 
@@ -146,8 +154,8 @@ def _magnitude_key(w: jax.Array) -> _Key:
     # finite). The branch takes |w| from w itself, as a shared |w| would be written out first.
     def fused(w):
       a = jnp.abs(w.astype(jnp.float32))
-      low = jnp.minimum(jnp.maximum(a, (1.0 - step(a, taus[0])) * _F32_MAX), _F32_MAX)
-      high = jnp.minimum(a, (1.0 - step(a, taus[1])) * _F32_MAX)
+      low = jnp.minimum(jnp.maximum(a, (1.0 - step(a, taus[0])) * F32_MAX), F32_MAX)
+      high = jnp.minimum(a, (1.0 - step(a, taus[1])) * F32_MAX)
       u = use_min.astype(jnp.float32)
       r = jnp.min(u * low - (1.0 - u) * high)
       return jax.lax.bitcast_convert_type(jnp.where(use_min, r, -r), jnp.int32)
